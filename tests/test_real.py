@@ -1,0 +1,36 @@
+"""The bundled SmolLM2-135M-Instruct end to end: converted from its Q4_1 GGUF, it answers like the real model."""
+import json
+
+import pytest
+import torch
+
+from model import load_model
+from tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.real
+
+
+def test_converted_checkpoint_is_smollm2(smollm2_ckpt):
+    cfg = json.loads((smollm2_ckpt / "config.json").read_text())
+    assert (cfg["architectures"], cfg["num_hidden_layers"], cfg["hidden_size"]) == (["LlamaForCausalLM"], 30, 576)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (9, 3, True)
+
+
+def test_greedy_answer_names_paris(smollm2_ckpt):
+    model, tok = load_model(smollm2_ckpt), load_tokenizer(smollm2_ckpt)
+    idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    ids = [t.item() for t in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
+    assert "Paris" in tok.decode(ids)
+
+
+def test_wrongly_permuted_weights_would_not_answer(smollm2_ckpt):
+    # Guards the test above: with attn_q/attn_k left in llama.cpp's order the answer is lost.
+    from load_hf_weights import unpermute_qk
+    model, tok = load_model(smollm2_ckpt), load_tokenizer(smollm2_ckpt)
+    for block in model.model.layers:
+        attn = block.self_attn
+        attn.q_proj.weight.copy_(unpermute_qk(attn.q_proj.weight, 9))  # a second un-permutation scrambles rows
+        attn.k_proj.weight.copy_(unpermute_qk(attn.k_proj.weight, 3))
+    idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
+    ids = [t.item() for t in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
+    assert "Paris" not in tok.decode(ids)
