@@ -3,7 +3,9 @@
 Mirrors Hugging Face's modeling_llama.py / modeling_qwen3.py / modeling_smollm3.py closely enough that the logits
 match to ~1e-6 in fp32 (tests/test_model.py), and the module names equal the checkpoint keys
 (`model.layers.0.self_attn.q_proj.weight`), so loading a converted checkpoint is a strict key-for-key copy.
-Weights come from load_hf_weights.py; δ-mem (deltamem.py) hooks into Attention.forward.
+Weights come from load_hf_weights.py. δ-mem (deltamem.py) hooks into Attention.forward: a module attached as
+`self_attn.delta_mem` reads its per-layer state and returns corrections to q (before q_norm and RoPE), k, v and the
+attention output (after o_proj); `Transformer.forward` carries the states of all layers in and out.
 
 Dims used in shape comments: B batch, T new tokens, S cached + new tokens, d hidden, nh query heads,
 nkv key/value heads, hd head dim, V vocab.
@@ -16,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+State = list[torch.Tensor]  # δ-mem: one state (B, n, r, r) per layer, see deltamem.py
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
 
@@ -141,6 +145,14 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, nkv, S, hd)
 
 
+@dataclass
+class MemoryIO:
+    """What one forward call asks of every layer's δ-mem module (deltamem.DeltaMem)."""
+    real: torch.Tensor  # (B, T) bool: real tokens read and write; padding does neither
+    write: bool  # False: read only, the state is returned unchanged
+    segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, use_rope: bool):
         super().__init__()
@@ -153,14 +165,20 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.delta_mem = None  # deltamem.attach() puts a DeltaMem module here
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, state=None, io: MemoryIO | None = None):
+        """x (B, T, d) -> (B, T, d), and this layer's δ-mem state after the call (None without δ-mem)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x)  # (B, T, nh*hd); a δ-mem query correction is added here, before q_norm and RoPE
+        delta = {}
+        if self.delta_mem is not None:
+            delta, state = self.delta_mem(x, state, io)  # corrections read from the state, each (B, T, out)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
+        q, k, v = (t + delta[h] if h in delta else t for h, t in zip("qkv", (q, k, v)))
         q = q.view(B, T, -1, hd)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        k = k.view(B, T, -1, hd)  # (B, T, nkv, hd)
+        v = v.view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
@@ -171,7 +189,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=True)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
-        return self.o_proj(y)  # (B, T, d); a δ-mem output correction is added here
+        y = self.o_proj(y)  # (B, T, d)
+        return (y + delta["o"] if "o" in delta else y), state
 
 
 class MLP(nn.Module):
@@ -194,9 +213,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, state, io):
+        h, state = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, state, io)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), state
 
 
 class Transformer(nn.Module):
@@ -215,12 +235,14 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, idx, cache: KVCache | None = None, pad_mask=None):
-        """idx (B, T) token ids -> logits (B, T, V).
+    def forward(self, idx, state: State | None = None, write=True, segment_ids=None, cache: KVCache | None = None,
+                pad_mask=None) -> tuple[torch.Tensor, State | None]:
+        """idx (B, T) token ids -> logits (B, T, V), and the δ-mem state after this call (None without δ-mem).
 
-        With `cache`, the tokens continue the cached sequence (prefill or decode). `pad_mask` (B, T), True for real
-        tokens, lets rows of different lengths share a batch (left or right padding): pads are never attended to
-        and don't advance positions.
+        δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it;
+        `segment_ids` (B, T) gives SSW its messages. `cache` continues a KV-cached sequence (prefill or decode).
+        `pad_mask` (B, T), True for real tokens, lets rows of different lengths share a batch (left or right
+        padding): pads are never attended to, don't advance positions, and neither read nor write the state.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, d)
@@ -237,31 +259,36 @@ class Transformer(nn.Module):
         if pad_mask is not None or (cache is not None and (cache.padded or (start > 0 and T > 1))):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
-        for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+        io = MemoryIO(real, write, segment_ids)
+        new_state = []
+        for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
+            x, layer_state = block(x, cos, sin, mask, cache, layer_state, io)
+            new_state.append(layer_state)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        return logits, (new_state if self.model.layers[0].self_attn.delta_mem is not None else None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
-                 generator=None, pad_mask=None):
-        """Yield next tokens (B,) one step at a time, with a KV cache; stop early once every row hit a stop id.
+                 generator=None, pad_mask=None, state: State | None = None, write=True):
+        """Yield (next tokens (B,), δ-mem state) one step at a time, with a KV cache; stop once every row hit a stop id.
 
-        temperature 0 means greedy. `pad_mask` marks real tokens in a padded prompt batch.
+        temperature 0 means greedy. `pad_mask` marks real tokens in a padded prompt batch. With δ-mem, the prompt and
+        every generated token are written to the state (unless write=False); the yielded state includes the token.
         """
         B, T = idx.shape
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.lm_head.weight.dtype)
-        logits = self(idx, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
+        logits, state = self(idx, state, write, cache=cache, pad_mask=pad_mask)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         for _ in range(max_new_tokens):
-            tok = sample_next(logits.float(), temperature, top_k, top_p, generator)  # (B,)
-            yield tok
+            tok = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
+            logits, state = self(tok[:, None], state, write, cache=cache)  # writes tok into the cache and state
+            yield tok, state
             done |= torch.isin(tok, stop)
             if done.all():
                 break
-            logits = self(tok[:, None], cache=cache)[:, -1]
 
 
 def attention_mask(key_real, start: int):

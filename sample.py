@@ -46,7 +46,7 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)
     idx = torch.tensor([tok.encode_chat([{"role": "user", "content": args.prompt}])], device=device)  # (1, T)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span several tokens
-    for tok_id in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+    for tok_id, _ in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                  stop_ids=tok.stop_ids, generator=generator):
         if tok_id.item() in tok.stop_ids:
             break

@@ -30,7 +30,7 @@ def test_hf_conversion_is_a_checked_copy(tmp_path, name):
     with pytest.warns(UserWarning, match="no tokenizer files"):
         convert("hf", FIXTURES / f"hf_{name}", tmp_path / "out")
     ref = reference(name)
-    logits = load_model(tmp_path / "out")(ref["input_ids"])
+    logits, _ = load_model(tmp_path / "out")(ref["input_ids"])
     torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
 
 
@@ -48,7 +48,7 @@ def test_sharded_hf_checkpoint(tmp_path):
     with pytest.warns(UserWarning):
         convert("hf", src, tmp_path / "out")
     ref = reference("qwen3")
-    torch.testing.assert_close(load_model(tmp_path / "out")(ref["input_ids"]), ref["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_model(tmp_path / "out")(ref["input_ids"])[0], ref["logits"], rtol=0, atol=1e-5)
 
 
 def break_tensors(edit):
@@ -154,7 +154,7 @@ def test_gguf_f32_gives_the_reference_logits(tmp_path, name, arch):
     with pytest.warns(UserWarning, match="no tokenizer files"):
         convert("gguf", tmp_path / "m.gguf", tmp_path / "out")
     ref = reference(name)
-    torch.testing.assert_close(load_model(tmp_path / "out")(ref["input_ids"]), ref["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_model(tmp_path / "out")(ref["input_ids"])[0], ref["logits"], rtol=0, atol=1e-5)
 
 
 # Relative error of a tensor after quantisation (measured on these random fixtures: F16 ~2e-4, Q8_0 ~4e-3,

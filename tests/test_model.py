@@ -21,7 +21,7 @@ def test_logits_match_transformers(name):
     # tests/make_reference.py saved these logits from transformers' own classes on the same random weights (fp32).
     # Summation order differs (SDPA vs eager attention), so agreement is ~1e-6 on logits of size ~4.
     model, ref = reference(name)
-    logits = model(ref["input_ids"])
+    logits, _ = model(ref["input_ids"])
     torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-5)
 
 
@@ -29,10 +29,10 @@ def test_logits_match_transformers(name):
 def test_cached_decoding_equals_full_forward(name):
     model, ref = reference(name)
     idx = ref["input_ids"]  # (B, T)
-    full = model(idx)
+    full, _ = model(idx)
     cache = KVCache(model.config, idx.shape[0], idx.shape[1], "cpu", torch.float32)
-    parts = [model(idx[:, :4], cache=cache), model(idx[:, 4:7], cache=cache)]  # prefill, then a chunk at pos 4
-    parts += [model(idx[:, t:t + 1], cache=cache) for t in range(7, idx.shape[1])]  # then token by token
+    parts = [model(idx[:, :4], cache=cache)[0], model(idx[:, 4:7], cache=cache)[0]]  # prefill, then a chunk at pos 4
+    parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(7, idx.shape[1])]  # then token by token
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
 
 
@@ -46,9 +46,9 @@ def test_padded_batch_equals_each_row_alone(side):
     for i, row in enumerate(rows):
         span = slice(T - len(row), T) if side == "left" else slice(0, len(row))
         idx[i, span], real[i, span] = row, True
-    logits = model(idx, pad_mask=real)
+    logits, _ = model(idx, pad_mask=real)
     for i, row in enumerate(rows):
-        torch.testing.assert_close(logits[i][real[i]], model(row[None])[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[i][real[i]], model(row[None])[0][0], rtol=0, atol=1e-5)
 
 
 def test_padded_generation_equals_each_row_alone():
@@ -58,19 +58,19 @@ def test_padded_generation_equals_each_row_alone():
     real = torch.zeros(2, 9, dtype=torch.bool)
     for i, row in enumerate(rows):  # left padding, as for batched generation
         idx[i, 9 - len(row):], real[i, 9 - len(row):] = row, True
-    batched = torch.stack(list(model.generate(idx, 6, temperature=0, pad_mask=real)), 1)  # (2, 6)
+    batched = torch.stack([t for t, _ in model.generate(idx, 6, temperature=0, pad_mask=real)], 1)  # (2, 6)
     for i, row in enumerate(rows):
-        alone = torch.stack(list(model.generate(row[None], 6, temperature=0)), 1)  # (1, 6)
+        alone = torch.stack([t for t, _ in model.generate(row[None], 6, temperature=0)], 1)  # (1, 6)
         assert torch.equal(batched[i], alone[0])
 
 
 def test_greedy_generation_follows_the_argmax_of_full_forwards():
     model, ref = reference("qwen3")
     idx = ref["input_ids"][:1, :5]
-    out = torch.stack(list(model.generate(idx, 8, temperature=0)), 1)  # (1, 8)
+    out = torch.stack([t for t, _ in model.generate(idx, 8, temperature=0)], 1)  # (1, 8)
     seq = idx
     for t in range(8):
-        nxt = model(seq)[:, -1].argmax(-1)
+        nxt = model(seq)[0][:, -1].argmax(-1)
         assert nxt.item() == out[0, t].item()
         seq = torch.cat([seq, nxt[:, None]], 1)
 
@@ -81,7 +81,7 @@ def test_generate_is_deterministic_for_a_seed():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return torch.stack(list(model.generate(idx, 12, temperature=1.0, top_k=50, top_p=0.95, generator=g)), 1)
+        return torch.stack([t for t, _ in model.generate(idx, 12, temperature=1.0, top_k=50, top_p=0.95, generator=g)], 1)
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))  # 24 samples from near-uniform tiny-model logits; equal by chance ~never
@@ -90,7 +90,7 @@ def test_generate_is_deterministic_for_a_seed():
 def test_generate_stops_when_every_row_hit_a_stop_id():
     model, ref = reference("llama")
     idx = ref["input_ids"][:1, :5]
-    first = next(model.generate(idx, 5, temperature=0))
+    first, _ = next(model.generate(idx, 5, temperature=0))
     assert len(list(model.generate(idx, 5, temperature=0, stop_ids=[first.item()]))) == 1
 
 

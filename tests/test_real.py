@@ -19,7 +19,7 @@ def test_converted_checkpoint_is_smollm2(smollm2_ckpt):
 def test_greedy_answer_names_paris(smollm2_ckpt):
     model, tok = load_model(smollm2_ckpt), load_tokenizer(smollm2_ckpt)
     idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
-    ids = [t.item() for t in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
+    ids = [t.item() for t, _ in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
     assert "Paris" in tok.decode(ids)
 
 
@@ -32,5 +32,5 @@ def test_wrongly_permuted_weights_would_not_answer(smollm2_ckpt):
         attn.q_proj.weight.copy_(unpermute_qk(attn.q_proj.weight, 9))  # a second un-permutation scrambles rows
         attn.k_proj.weight.copy_(unpermute_qk(attn.k_proj.weight, 3))
     idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
-    ids = [t.item() for t in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
+    ids = [t.item() for t, _ in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
     assert "Paris" not in tok.decode(ids)
