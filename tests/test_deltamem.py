@@ -1,0 +1,243 @@
+"""δ-mem attached to a model: state semantics, SSW/MSW, padding, parameter counts, adapter and state files.
+
+Equivalences run in fp64 on a tiny random Qwen3 (tests/fixtures/hf_qwen3) with random, non-trivial adapter weights;
+at fp64 the two sides of each check differ only by summation order, ~1e-15 relative, so 1e-10 is a tight bound.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltamem import (DeltaMemConfig, attach, delta_rule_loop, load_adapter, load_state, save_adapter, save_state)
+from model import KVCache, ModelConfig, Transformer, load_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def tiny(write="tsw", seed=0, **kw):
+    """The tiny Qwen3 in fp64 with δ-mem attached and every adapter weight random (β around 0.3)."""
+    model = load_model(FIXTURES / "hf_qwen3", dtype=torch.float64)
+    attach(model, DeltaMemConfig(write=write, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".delta_mem." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3 - float(name.endswith("beta_bias")))
+    return model
+
+
+def tokens(B=2, T=13, seed=1):
+    return torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def backbone():
+    return load_model(FIXTURES / "hf_qwen3", dtype=torch.float64)
+
+
+def test_fresh_adapter_and_zero_state_reproduce_the_backbone_exactly():
+    idx = tokens()
+    base, _ = backbone()(idx)
+    for init in ("base_slice", "zero"):
+        model = attach(backbone(), DeltaMemConfig(init=init))
+        assert torch.equal(model(idx, write=False)[0], base)  # zero state: every read is 0
+    model = tiny()
+    assert torch.equal(model(idx, write=False)[0], base)  # also with trained-looking weights
+    # with writes on, token 0 still reads the empty state (read before write); token 1 reads token 0's write
+    logits, _ = model(idx)
+    assert torch.equal(logits[:, 0], base[:, 0])
+    assert not torch.allclose(logits[:, 1], base[:, 1])
+
+
+def test_write_false_leaves_the_state_unchanged():
+    model = tiny()
+    _, state = model(tokens(seed=2))
+    logits, after = model(tokens(), state=state, write=False)
+    assert all(a is b or torch.equal(a, b) for a, b in zip(after, state))
+    assert not torch.allclose(logits, backbone()(tokens())[0])  # the state was read
+
+
+@pytest.mark.parametrize("write", ["tsw", "msw"])
+def test_one_call_equals_split_calls_equals_decoding_with_a_kv_cache(write):
+    model, idx = tiny(write), tokens(T=21)
+    logits, state = model(idx)
+    # split calls without a KV cache: only the state links them. Layer 0's input doesn't depend on the attention
+    # context, so its state must come out the same; deeper layers see a shorter context in the second call.
+    _, s = model(idx[:, :8])
+    _, s = model(idx[:, 8:], state=s)
+    torch.testing.assert_close(s[0], state[0], **TOL)
+    # with a KV cache as well (prefill, a chunk, then token-by-token decode): same logits and states as one call
+    cache = KVCache(model.config, 2, 21, "cpu", torch.float64)
+    out, s = model(idx[:, :5], cache=cache)
+    parts = [out]
+    out, s = model(idx[:, 5:12], state=s, cache=cache)
+    parts.append(out)
+    for t in range(12, 21):
+        out, s = model(idx[:, t:t + 1], state=s, cache=cache)
+        parts.append(out)
+    torch.testing.assert_close(torch.cat(parts, 1), logits, **TOL)
+    for a, b in zip(s, state):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_msw_has_four_states_and_concatenates_their_reads():
+    model = tiny("msw")
+    _, state = model(tokens())
+    assert state[0].shape == (2, 4, 8, 8)
+    assert model.model.layers[0].self_attn.delta_mem.delta_q_proj.weight.shape == (128, 32)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("write", ["tsw", "ssw"])
+def test_padding_neither_reads_nor_writes(side, write):
+    model = tiny(write)
+    rows = [tokens(1, 13, seed=3)[0], tokens(1, 7, seed=4)[0]]
+    segs = [torch.arange(13) // 5, torch.arange(7) // 3]  # SSW: a few messages per row
+    idx, seg = torch.zeros(2, 13, dtype=torch.long), torch.full((2, 13), -1)
+    real = torch.zeros(2, 13, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        span = slice(13 - len(row), 13) if side == "left" else slice(0, len(row))
+        idx[i, span], seg[i, span], real[i, span] = row, segs[i], True
+    _, s0 = model(tokens(2, 9, seed=5))  # start from a non-zero state, so a wrong read would show
+    ids = seg if write == "ssw" else None
+    logits, state = model(idx, state=s0, pad_mask=real, segment_ids=ids)
+    for i, row in enumerate(rows):
+        alone, alone_state = model(row[None], state=[s[i:i + 1] for s in s0],
+                                   segment_ids=segs[i][None] if write == "ssw" else None)
+        torch.testing.assert_close(logits[i][real[i]], alone[0], **TOL)
+        for a, b in zip(state, alone_state):
+            torch.testing.assert_close(a[i:i + 1], b, **TOL)
+
+
+def test_ssw_writes_each_segment_mean_once_and_reads_the_state_from_before_the_call():
+    model = tiny("ssw")
+    _, s0 = model(tokens(2, 9, seed=5))
+    idx = tokens(2, 12, seed=6)
+    seg = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [-1, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, -1]])
+    logits, state = model(idx, state=s0, segment_ids=seg)
+    # every token read s0, exactly as a read-only pass does
+    torch.testing.assert_close(logits, model(idx, state=s0, write=False)[0], **TOL)
+    # the state: the reference loop over the per-segment means of each layer's input x (captured by a hook),
+    # computed segment by segment here; row 1 has no segment 1, which must not write
+    xs = []
+    hooks = [b.self_attn.delta_mem.register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+             for b in model.model.layers]
+    model(idx, state=s0, segment_ids=seg)
+    for h in hooks:
+        h.remove()
+    for layer, x in enumerate(xs):
+        mem = model.model.layers[layer].self_attn.delta_mem
+        for b in range(2):
+            present = [j for j in range(3) if (seg[b] == j).any()]
+            means = torch.stack([x[b][seg[b] == j].mean(0) for j in present])[None]  # (1, J, d)
+            _, expected = delta_rule_loop(*mem.project(means), state=s0[layer][b:b + 1])
+            torch.testing.assert_close(state[layer][b:b + 1], expected, **TOL)
+
+
+def test_ssw_without_segment_ids_writes_token_by_token():
+    # the official fallback, and what decoding does: each generated token is its own one-token segment
+    ssw, tsw = tiny("ssw"), tiny("tsw")
+    idx = tokens()
+    for a, b in zip(ssw(idx)[1], tsw(idx)[1]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_gradients_reach_the_memory_through_the_state():
+    model = tiny()
+    _, state = model(tokens(seed=7))  # write pass
+    logits, _ = model(tokens(seed=8), state=state, write=False)  # read pass: the history only via the state
+    logits.sum().backward()
+    mem = model.model.layers[0].self_attn.delta_mem
+    assert mem.memory_k_proj.weight.grad.abs().sum() > 0 and mem.memory_v_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if ".delta_mem." not in n)
+
+
+QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=5000000, max_position_embeddings=262144, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("write, expected", [("tsw", 4_866_336), ("ssw", 4_866_336), ("msw", 19_465_344)])
+def test_trainable_parameters_of_qwen3_4b_match_the_paper(write, expected):
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_hf(QWEN3_4B))
+        attach(model, DeltaMemConfig(write=write, init="zero"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_unknown_write_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown write mode 'xyz'"):
+        DeltaMemConfig(write="xyz")
+
+
+def test_adapter_round_trip(tmp_path):
+    model, idx = tiny("msw"), tokens()
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = backbone()
+    load_adapter(fresh, tmp_path / "a.safetensors")  # attaches δ-mem with the saved config
+    assert fresh.delta_mem_config == model.delta_mem_config
+    assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+def test_adapter_for_another_backbone_is_refused(tmp_path):
+    save_adapter(tiny(), tmp_path / "a.safetensors")
+    other = load_model(FIXTURES / "hf_llama", dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"made for Qwen3ForCausalLM \(d=64.*but the model is LlamaForCausalLM \(d=96"):
+        load_adapter(other, tmp_path / "a.safetensors")
+
+
+def test_state_round_trip(tmp_path):
+    model, idx = tiny(), tokens()
+    _, state = model(tokens(seed=9))
+    save_state(tmp_path / "s.safetensors", state, model, {"tokens_written": "13"})
+    loaded, meta = load_state(tmp_path / "s.safetensors", model)
+    assert meta["tokens_written"] == "13"
+    assert torch.equal(model(idx, state=loaded)[0], model(idx, state=state)[0])
+    with pytest.raises(ValueError, match="state made with"):
+        load_state(tmp_path / "s.safetensors", tiny("msw"))
+
+
+def official_adapter(tmp_path, model, cfg: dict) -> Path:
+    """An adapter in the official release format, built from `model`'s δ-mem weights (+ the zero k/v heads)."""
+    src = tmp_path / "official"
+    src.mkdir()
+    (src / "delta_mem_config.json").write_text(json.dumps(cfg))
+    weights = {}
+    for i, block in enumerate(model.model.layers):
+        mem, attn = block.self_attn.delta_mem, block.self_attn
+        for name, p in mem.named_parameters():
+            weights[f"model.layers.{i}.self_attn.{name.removesuffix('.weight')}"] = p.detach().clone()
+        for h in "kv":  # inactive heads are saved too, as zeros
+            weights[f"model.layers.{i}.self_attn.delta_{h}_proj"] = torch.zeros(
+                getattr(attn, f"{h}_proj").weight.shape[0], mem.memory_q_proj.weight.shape[0], dtype=torch.float64)
+    torch.save(weights, src / "delta_mem_adapter.pt")
+    return src
+
+
+OFFICIAL = dict(rank=8, alpha=16.0, num_state_heads=1, memory_write_granularity="token", delta_heads=["q", "o"],
+                beta_bias_init=-1.5, couple_lambda=True, state_update_mode="standard")
+
+
+@pytest.mark.parametrize("write, change", [("tsw", {}), ("ssw", dict(memory_write_granularity="message_mean")),
+                                           ("msw", dict(num_state_heads=4))])
+def test_official_adapter_converts_to_the_same_model(tmp_path, write, change):
+    from load_hf_weights import convert_adapter
+    model, idx = tiny(write), tokens()
+    src = official_adapter(tmp_path, model, {**OFFICIAL, **change})
+    convert_adapter(src, tmp_path / "a.safetensors")
+    other = backbone()
+    load_adapter(other, tmp_path / "a.safetensors")
+    assert other.delta_mem_config.write == write
+    assert torch.equal(other(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("change, message", [(dict(couple_lambda=False), "couple_lambda"),
+                                             (dict(state_update_mode="lambda_outside"), "state_update_mode"),
+                                             (dict(memory_write_granularity="sentence_mean"), "memory_write_granularity")])
+def test_official_settings_we_do_not_implement_are_refused(tmp_path, change, message):
+    from load_hf_weights import convert_adapter
+    src = official_adapter(tmp_path, tiny(), {**OFFICIAL, **change})
+    with pytest.raises(ValueError, match=message):
+        convert_adapter(src, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
