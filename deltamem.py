@@ -192,21 +192,28 @@ class DeltaMem(nn.Module):
         return q, k, v, beta_logit
 
     def forward(self, x, state, io):
-        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r))."""
+        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)).
+
+        A writing call also leaves `self.beta_mean`, the mean write gate β over what it wrote, for the training loss's
+        sparsity term (DELTAMEM_SPEC.md, "Training").
+        """
         B, T, _ = x.shape
         n, r = self.cfg.num_states, self.cfg.rank
         xm = x.to(self.beta_bias.dtype)
         if state is None:
             state = xm.new_zeros(B, n, r, r)
+        q, k, v, beta_logit = self.project(xm)  # (B, T, n, r) each
         ssw = self.cfg.write == "ssw" and io.segment_ids is not None  # without ids SSW writes per token, as officially
-        if not io.write or ssw:  # every token reads the state from before the call
-            q = self.project(xm)[0]  # (B, T, n, r)
+        if ssw and io.segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids has shape {tuple(io.segment_ids.shape)}, expected the tokens' {(B, T)}")
+        if io.write and not ssw:
+            scan = delta_rule_loop if T == 1 else delta_rule_chunked  # decoding one token: the loop is cheapest
+            reads, state = scan(q, k, v, beta_logit, state=state, mask=io.real)
+            self.beta_mean = masked_mean(torch.sigmoid(beta_logit), io.real)
+        else:  # every token reads the state from before the call
             reads = torch.einsum("bnij,btnj->btni", state.to(q.dtype), q) * io.real[..., None, None]
             if io.write:
                 state = self.write_segments(xm, state, io)
-        else:
-            scan = delta_rule_loop if T == 1 else delta_rule_chunked  # decoding one token: the loop is cheapest
-            reads, state = scan(*self.project(xm), state=state, mask=io.real)
         read = reads.flatten(-2).to(xm.dtype) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
         return {h: getattr(self, f"delta_{h}_proj")(read).to(x.dtype) for h in self.cfg.heads}, state
 
@@ -214,10 +221,21 @@ class DeltaMem(nn.Module):
         """SSW: one write per segment, from the mean of its tokens' x, in segment-id order."""
         ids = torch.where(io.real, io.segment_ids, -1)  # (B, T); padding never writes
         J = int(ids.max()) + 1
+        if J == 0:  # nothing to write
+            self.beta_mean = x.new_zeros(())
+            return state
         onehot = (ids[..., None] == torch.arange(J, device=x.device)).to(x.dtype)  # (B, T, J)
         count = onehot.sum(1)  # (B, J)
         means = onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None]  # (B, J, d)
-        return delta_rule_chunked(*self.project(means), state=state, mask=count > 0)[1]
+        q, k, v, beta_logit = self.project(means)  # (B, J, n, r) each
+        self.beta_mean = masked_mean(torch.sigmoid(beta_logit), count > 0)
+        return delta_rule_chunked(q, k, v, beta_logit, state=state, mask=count > 0)[1]
+
+
+def masked_mean(x, mask):
+    """Mean of x (B, T, ...) over the positions where mask (B, T) is True."""
+    w = mask.to(x.dtype).view(*mask.shape, *[1] * (x.dim() - 2)).expand_as(x)
+    return (x * w).sum() / w.sum().clamp(min=1)
 
 
 def init_delta(weight, base, cfg: DeltaMemConfig):

@@ -135,6 +135,15 @@ def test_ssw_writes_each_segment_mean_once_and_reads_the_state_from_before_the_c
             torch.testing.assert_close(state[layer][b:b + 1], expected, **TOL)
 
 
+def test_ssw_segment_ids_of_minus_one_write_nothing():
+    model, idx = tiny("ssw"), tokens()
+    _, s0 = model(tokens(seed=5))
+    _, state = model(idx, state=s0, segment_ids=torch.full(idx.shape, -1))
+    assert all(torch.equal(a, b) for a, b in zip(state, s0))
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 5\), expected the tokens' \(2, 13\)"):
+        model(idx, segment_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
 def test_ssw_without_segment_ids_writes_token_by_token():
     # the official fallback, and what decoding does: each generated token is its own one-token segment
     ssw, tsw = tiny("ssw"), tiny("tsw")
