@@ -110,13 +110,15 @@ class Tokenizer:
         (a KeyError names the marker a vocabulary lacks)."""
         if self.system_prompt and messages and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        start, end = self.added["<|im_start|>"], self.added["<|im_end|>"]
-        ids = []
-        for m in messages:
-            ids += [start, *self.encode(f"{m['role']}\n{m['content']}"), end, *self.encode("\n")]
+        ids = [i for m in messages for i in self.encode_message(m)]
         if add_generation_prompt:
-            ids += [start, *self.encode("assistant\n")]
+            ids += [self.added["<|im_start|>"], *self.encode("assistant\n")]
         return ids
+
+    def encode_message(self, message: dict[str, str]) -> list[int]:
+        """One ChatML message: `<|im_start|>{role}\n{content}<|im_end|>\n`, the content as plain text."""
+        text = f"{message['role']}\n{message['content']}"
+        return [self.added["<|im_start|>"], *self.encode(text), self.added["<|im_end|>"], *self.encode("\n")]
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
