@@ -1,0 +1,95 @@
+"""A synthetic memory task for δ-mem, offline and deterministic by seed.
+
+An episode is a chat history that states a few facts ("My favourite colour is teal."), possibly between filler
+turns, then a question about one of them ("What is my favourite colour?") and the answer ("It's teal."). Training
+writes the history into the δ-mem state and reads the question *without the history in context*, so the state is
+the only way to the answer (DELTAMEM_SPEC.md, "Training").
+
+Splits, by what the asked fact is: "train" and "valid" (fresh episodes of the training distribution) ask the
+training pairs; "test" asks held-out (attribute, value) pairs, which training histories mention but training never
+asks; "unseen" asks values that never occur in training at all.
+"""
+import random
+from dataclasses import dataclass
+
+# attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
+# TaskConfig.values of each list form the training pool, the next TaskConfig.unseen_values are never trained on.
+ATTRIBUTES = {
+    "colour": "red blue green yellow purple orange pink brown black white grey silver gold navy violet cyan".split(),
+    "animal": "cat dog horse rabbit lion tiger bear wolf fox owl eagle shark whale dolphin snake frog".split(),
+    "food": "pizza pasta rice bread soup cheese salad chicken fish steak curry sushi cake cookies honey mango".split(),
+    "city": "Paris London Rome Berlin Tokyo Madrid Vienna Prague Dublin Lisbon Athens Oslo Cairo Delhi Sydney Boston".split(),
+    "sport": "tennis football golf hockey rugby cricket boxing cycling swimming skiing chess baseball surfing sailing rowing climbing".split(),
+    "drink": "tea coffee milk juice water wine beer lemonade soda cocoa".split(),
+}
+FILLER = [  # (user, assistant) small talk between facts
+    ("How are you today?", "I'm doing well, thank you for asking."),
+    ("Can you recommend a good book?", "You might enjoy a classic novel or a popular science book."),
+    ("What's the weather usually like in spring?", "Spring is often mild, with some rain and sunny days."),
+    ("Tell me a fun fact.", "Honey never spoils if it is stored properly."),
+    ("I had a long day at work.", "That sounds tiring. I hope you can rest this evening."),
+    ("Do you like music?", "I can't listen to music, but I enjoy talking about it."),
+    ("What should I cook tonight?", "A simple stir-fry with vegetables is quick and tasty."),
+    ("Any tips for sleeping better?", "Keep a regular schedule and avoid screens before bed."),
+]
+
+
+@dataclass
+class TaskConfig:
+    attributes: int = 3  # how many attributes the task uses (the first ones of ATTRIBUTES)
+    values: int = 8  # training values per attribute
+    unseen_values: int = 4  # further values per attribute, never in training (the "unseen" split)
+    facts: int = 3  # facts per history, each about a different attribute (≤ attributes)
+    filler: int = 0  # filler turns (user + assistant) placed at random between and after the facts
+    heldout: int = 2  # (attribute, value) pairs per attribute never asked in training (the "test" split)
+    answer: str = "short"  # "short": "It's teal." / "sentence": "Your favourite colour is teal."
+
+    def __post_init__(self):
+        if not 1 <= self.facts <= self.attributes <= len(ATTRIBUTES):
+            raise ValueError(f"need 1 <= facts ({self.facts}) <= attributes ({self.attributes}) <= {len(ATTRIBUTES)}")
+        if min(len(ATTRIBUTES[a]) for a in self.names) < self.values + self.unseen_values:
+            raise ValueError(f"an attribute has fewer than values + unseen_values = {self.values + self.unseen_values}")
+        if self.answer not in ("short", "sentence"):
+            raise ValueError(f"answer must be 'short' or 'sentence', not {self.answer!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(ATTRIBUTES)[: self.attributes]
+
+
+def value_pool(cfg: TaskConfig, attribute: str, split: str, asked: bool) -> list[str]:
+    """Values a fact about `attribute` may take in an episode of `split` (`asked`: it is the fact asked about)."""
+    values = ATTRIBUTES[attribute]
+    if asked and split == "unseen":
+        return values[cfg.values: cfg.values + cfg.unseen_values]
+    if not asked:
+        return values[: cfg.values]
+    i = cfg.names.index(attribute)  # a different slice of the training pool is held out for each attribute
+    held = {values[(i * cfg.heldout + j) % cfg.values] for j in range(cfg.heldout)}
+    return [v for v in values[: cfg.values] if (v in held) == (split == "test")]
+
+
+def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
+    return f"It's {value}." if cfg.answer == "short" else f"Your favourite {attribute} is {value}."
+
+
+def make_episode(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
+    """One episode: history messages, the question, the answer, and the value asked about."""
+    attributes = rng.sample(cfg.names, cfg.facts)
+    asked = attributes[0]
+    facts = {a: rng.choice(value_pool(cfg, a, split, asked=a == asked)) for a in attributes}
+    turns = [[{"role": "user", "content": f"My favourite {a} is {v}."}] for a, v in facts.items()]
+    rng.shuffle(turns)  # the asked fact may be anywhere in the history
+    for _ in range(cfg.filler):  # filler after any fact
+        user, assistant = rng.choice(FILLER)
+        turns.insert(rng.randint(1, len(turns)), [{"role": "user", "content": user},
+                                                  {"role": "assistant", "content": assistant}])
+    return {"history": [m for turn in turns for m in turn],
+            "question": f"What is my favourite {asked}?",
+            "answer": answer_text(cfg, asked, facts[asked]),
+            "value": facts[asked]}
+
+
+def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{split}-{seed}")
+    return [make_episode(rng, cfg, split) for _ in range(n)]

@@ -1,0 +1,135 @@
+"""train.py and data.py on a tiny random Llama with a tiny SmolLM2-style tokenizer (seconds on a CPU)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import train
+from data import TaskConfig, episodes
+from model import ModelConfig, Transformer
+from tokenizer import load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A converted-checkpoint directory: random 2-layer Llama over the tiny tokenizer fixture's vocabulary."""
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tok_smollm" / name, out)
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=load_tokenizer(out).vocab_size, hidden_size=64,
+               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(cfg))
+    save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, out / "model.safetensors")
+    return out
+
+
+def config(tiny_ckpt, tmp_path, **change) -> train.TrainConfig:
+    return train.TrainConfig(ckpt=str(tiny_ckpt), out=str(tmp_path / "run"), device="cpu", batch_size=4,
+                             micro_batch=2, episodes=12, eval_every=100, eval_episodes=4, lr=1e-2, **change)
+
+
+def test_episode_tensors(tiny_ckpt):
+    tok = load_tokenizer(tiny_ckpt)
+    eps = episodes(TaskConfig(filler=2), "train", 3, seed=0)
+    b = train.make_batch(tok, eps, "cpu")
+    for i, ep in enumerate(eps):
+        n = len(tok.encode_chat([{"role": "user", "content": ep["question"]}]))
+        answer = tok.encode(ep["answer"]) + [tok.added["<|im_end|>"]]
+        read = b["read"][i][b["read_real"][i]].tolist()
+        assert read == tok.encode_chat([{"role": "user", "content": ep["question"]}]) + answer  # no history in it
+        labels = b["labels"][i]
+        assert labels[:n].eq(-100).all() and labels[n:n + len(answer)].tolist() == answer  # loss on the answer only
+        assert labels[n + len(answer):].eq(-100).all()
+        s, e = b["value_pos"][i]
+        assert tok.decode(read[s:e]) == " " + ep["value"]
+        seg = b["segments"][i][b["write_real"][i]].tolist()
+        assert sorted(set(seg)) == [-1, *range(len(ep["history"]))]  # system prompt -1, one id per message
+        assert seg == sorted(seg)  # each message's tokens are contiguous
+
+
+def test_splits_keep_their_promises():
+    cfg = TaskConfig()
+    asked = lambda split: {(e["question"], e["value"]) for e in episodes(cfg, split, 300, seed=1)}
+    train_values = {v for e in episodes(cfg, "train", 300, seed=1) for m in e["history"] for v in [m["content"]]}
+    assert not asked("test") & asked("train")  # held-out pairs are never asked in training...
+    assert all(any(v in h for h in train_values) for _, v in asked("test"))  # ...but training histories mention them
+    assert not any(v in h for _, v in asked("unseen") for h in train_values)  # unseen values never occur at all
+
+
+def test_training_steps_reduce_the_loss_through_the_state(tiny_ckpt, tmp_path):
+    cfg = config(tiny_ckpt, tmp_path)
+    model, tok, device, autocast = train.setup(cfg)
+    opt = torch.optim.AdamW(train.adapter_parameters(model).values(), lr=1e-2)
+    b = train.make_batch(tok, episodes(cfg.task(), "train", 4, seed=0), device)
+    losses = []
+    for _ in range(15):
+        ce, beta_term, n, _, _ = train.episode_loss(model, b, cfg)
+        (ce / n + beta_term).backward()
+        mem = model.model.layers[0].self_attn.delta_mem
+        assert mem.memory_k_proj.weight.grad.abs().sum() > 0  # only reachable through the written state
+        opt.step()
+        opt.zero_grad()
+        losses.append((ce / n).item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_gives_the_same_next_step(tiny_ckpt, tmp_path):
+    cfg = config(tiny_ckpt, tmp_path)
+    path = tmp_path / "ckpt.pt"
+
+    def fresh():
+        torch.manual_seed(0)
+        model, tok, device, autocast = train.setup(cfg)
+        return model, tok, torch.optim.AdamW(train.adapter_parameters(model).values(), lr=cfg.lr)
+
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)
+    model, tok, opt = fresh()
+    for step in range(2):
+        train.train_step(model, opt, tok, cfg, step, 4, "cpu", no_autocast)
+    train.save_checkpoint(path, model, opt, cfg, 2, [])
+    uninterrupted = [train.train_step(model, opt, tok, cfg, 2, 4, "cpu", no_autocast)["loss"],
+                     train.train_step(model, opt, tok, cfg, 3, 4, "cpu", no_autocast)["loss"]]
+    model, tok, opt = fresh()
+    assert train.load_checkpoint(path, model, opt)[0] == 2
+    resumed = [train.train_step(model, opt, tok, cfg, 2, 4, "cpu", no_autocast)["loss"],
+               train.train_step(model, opt, tok, cfg, 3, 4, "cpu", no_autocast)["loss"]]
+    assert resumed == uninterrupted  # the second step also depends on the restored optimizer moments
+
+
+def test_main_end_to_end_and_eval_only(tiny_ckpt, tmp_path, capsys):
+    train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "run"), "--episodes", "8", "--batch-size", "4",
+                "--eval-episodes", "4", "--eval-every", "1", "--device", "cpu"])
+    run = tmp_path / "run"
+    for name in ("adapter.safetensors", "ckpt.pt", "eval.json", "eval.png", "loss.png"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "eval.json").read_text())
+    assert set(results) == {"valid", "test", "unseen"} and set(results["test"]) == set(train.CONDITIONS)
+    train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "again"), "--eval-adapter",
+                str(run / "adapter.safetensors"), "--eval-episodes", "4", "--device", "cpu"])
+    assert json.loads((tmp_path / "again" / "eval.json").read_text()).keys() == results.keys()
+
+
+def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint to resume from"):
+        train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--resume", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="config.json: not found"):
+        train.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        train.main(["--write", "xyz"])
+
+
+def test_wilson_intervals():
+    lo, hi = train.wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)  # z²/(n+z²) = 3.8416/13.8416
+    lo, hi = train.wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert train.wilson(0, 0) == (0.0, 1.0)
