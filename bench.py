@@ -1,0 +1,161 @@
+"""Benchmarks for deltamem on CPU: prints a table and writes every measurement to a JSON file.
+
+Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table row; add new ones to SECTIONS):
+  scan        the delta-rule scan, chunked vs per-token loop (deltamem.delta_rule_chunked / delta_rule_loop),
+              forward and forward+backward, fp32, r = 8, over B × n (state heads) × T.
+  chunk_size  the chunked scan alone at several chunk sizes (how the default chunk size was chosen).
+
+Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
+other processes hits both alike; we report medians. Set --threads to the cores that are actually free: extra
+threads on a busy machine give 10-100x outliers. Flush-to-zero is on (denormals can stall a step for seconds).
+
+    python bench.py                        # full scan table (a few minutes: the loop's fwd+bwd at T = 8192 is slow)
+    python bench.py --quick                # tiny sizes, a few seconds (used by tests/test_bench.py)
+    python bench.py --sections chunk_size --chunk-sizes 4,8,16,32,64
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from deltamem import delta_rule_chunked, delta_rule_loop
+
+
+def ints(text):
+    return [int(x) for x in text.split(",")]
+
+
+def scan_inputs(B, T, n, r, seed=0):
+    """q, k (tanh + L2-normalised), v, beta_logit: (B, T, n, r) fp32 leaves; gates around the init (β ≈ 0.18)."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.tanh(torch.randn(B, T, n, r, generator=g)), dim=-1)
+    k = F.normalize(torch.tanh(torch.randn(B, T, n, r, generator=g)), dim=-1)
+    v = torch.randn(B, T, n, r, generator=g)
+    beta_logit = torch.randn(B, T, n, r, generator=g) - 1.5
+    return [x.requires_grad_() for x in (q, k, v, beta_logit)]
+
+
+def scan_call(fn, inputs, backward, **kw):
+    """One timed unit of work: forward only (no autograd graph) or forward + backward of a scalar loss."""
+    def call():
+        if backward:
+            reads, state = fn(*inputs, **kw)
+            (reads.sum() + state.sum()).backward()
+        else:
+            with torch.no_grad():
+                fn(*inputs, **kw)
+    return call
+
+
+def time_alternating(calls, reps, budget_s):
+    """{name: call} -> {name: [seconds]}. One untimed warm-up call each, then rounds that alternate the sides.
+    Rounds: `reps`, but fewer (at least 3) if a round would take longer than budget_s / reps."""
+    round_s = 0.0
+    for call in calls.values():
+        t0 = time.perf_counter()
+        call()
+        round_s += time.perf_counter() - t0
+    rounds = max(3, min(reps, int(budget_s / max(round_s, 1e-9))))
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_scan(args):
+    rows = []
+    for T in args.T:
+        for B in args.B:
+            for n in args.n:
+                inputs = scan_inputs(B, T, n, args.r)
+                for mode in ("fwd", "fwd+bwd"):
+                    calls = {"loop": scan_call(delta_rule_loop, inputs, mode == "fwd+bwd"),
+                             "chunked": scan_call(delta_rule_chunked, inputs, mode == "fwd+bwd")}
+                    times = time_alternating(calls, args.reps, args.budget)
+                    loop_ms, chunked_ms = (1e3 * statistics.median(times[s]) for s in ("loop", "chunked"))
+                    rows.append(dict(section="scan", mode=mode, B=B, n=n, r=args.r, T=T,
+                                     loop_ms=round(loop_ms, 3), chunked_ms=round(chunked_ms, 3),
+                                     speedup=round(loop_ms / chunked_ms, 2), rounds=len(times["loop"])))
+                    print_row(rows[-1])
+    return rows
+
+
+def bench_chunk_size(args):
+    rows = []
+    for T in args.T:
+        for B in args.B:
+            for n in args.n:
+                inputs = scan_inputs(B, T, n, args.r)
+                for mode in ("fwd", "fwd+bwd"):
+                    calls = {C: scan_call(delta_rule_chunked, inputs, mode == "fwd+bwd", chunk_size=C)
+                             for C in args.chunk_sizes}
+                    times = time_alternating(calls, args.reps, args.budget)
+                    medians = {C: 1e3 * statistics.median(t) for C, t in times.items()}
+                    best = min(medians, key=medians.get)
+                    for C, ms in medians.items():
+                        rows.append(dict(section="chunk_size", mode=mode, B=B, n=n, r=args.r, T=T, chunk_size=C,
+                                         chunked_ms=round(ms, 3), vs_best=round(ms / medians[best], 2),
+                                         rounds=len(times[C])))
+                        print_row(rows[-1])
+    return rows
+
+
+SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size}
+
+
+def print_row(row):
+    """One table line; the header is printed whenever the section or its columns change."""
+    cols = [c for c in row if c != "section"]
+    if getattr(print_row, "cols", None) != (row["section"], cols):
+        print_row.cols = (row["section"], cols)
+        print(f"\n[{row['section']}]\n" + " ".join(f"{c:>10}" for c in cols))
+    print(" ".join(f"{row[c]:>10}" for c in cols), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="scan", help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (seconds; for tests)")
+    p.add_argument("--out", default="bench.json", help="JSON file for all rows and the run's settings")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads: the free cores (default: all cores of this process)")
+    p.add_argument("--reps", type=int, default=7, help="timed rounds per case (at most)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per case; fewer rounds (>= 3) above it")
+    g = p.add_argument_group("sizes (comma-separated lists)")
+    g.add_argument("--B", type=ints, default=[1, 4], help="batch sizes")
+    g.add_argument("--n", type=ints, default=[1, 4], help="state heads per sequence (1; 4 for MSW)")
+    g.add_argument("--T", type=ints, default=[512, 2048, 8192], help="sequence lengths")
+    g.add_argument("--r", type=int, default=8, help="state rank")
+    g.add_argument("--chunk-sizes", type=ints, default=[4, 8, 16, 32, 64], help="for the chunk_size section")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.B, args.n, args.T, args.chunk_sizes, args.reps, args.budget = [1, 2], [1, 4], [16, 100], [4, 16], 3, 1.0
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, load average {load:.2f}")
+    if load > 0.5:
+        print("warning: other processes are using the CPU; timings will be noisy (set --threads to the free cores)")
+    rows = []
+    for name in args.sections.split(","):
+        rows += SECTIONS[name](args)
+    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+                cpu_count=os.cpu_count(), threads=args.threads, load_average_at_start=load,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args))
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\nwrote {len(rows)} rows to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""bench.py --quick runs end to end and its JSON holds every expected row (timings are not checked)."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", "scan,chunk_size", "--threads", "1",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert result["meta"]["threads"] == 1
+    rows = result["rows"]
+    grid = set(itertools.product(["fwd", "fwd+bwd"], [1, 2], [1, 4], [16, 100]))   # mode, B, n, T of --quick
+    scan = [row for row in rows if row["section"] == "scan"]
+    assert {(row["mode"], row["B"], row["n"], row["T"]) for row in scan} == grid and len(scan) == len(grid)
+    for row in scan:
+        assert row["loop_ms"] > 0 and row["chunked_ms"] > 0 and row["rounds"] >= 3
+        assert abs(row["speedup"] - row["loop_ms"] / row["chunked_ms"]) < 0.01 * row["speedup"] + 0.01
+    chunk = [row for row in rows if row["section"] == "chunk_size"]
+    assert {(row["mode"], row["B"], row["n"], row["T"], row["chunk_size"]) for row in chunk} == {
+        (*key, C) for key in grid for C in (4, 16)}
+    assert all(row["vs_best"] >= 1.0 for row in chunk)
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["-h"])
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--out" in out and "chunk_size" in out
