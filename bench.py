@@ -4,6 +4,8 @@ Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table
   scan        the delta-rule scan, chunked vs per-token loop (deltamem.delta_rule_chunked / delta_rule_loop),
               forward and forward+backward, fp32, r = 8, over B × n (state heads) × T.
   chunk_size  the chunked scan alone at several chunk sizes (how the default chunk size was chosen).
+  backbone    model.py vs transformers on the same converted weights (fp32): prefill time and greedy decode speed
+              (transformers is optional; without it, its columns are empty).
 
 Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
 other processes hits both alike; we report medians. Set --threads to the cores that are actually free: extra
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from deltamem import delta_rule_chunked, delta_rule_loop
+from load_hf_weights import default_checkpoint
+from model import load_model
 
 
 def ints(text):
@@ -108,7 +112,45 @@ def bench_chunk_size(args):
     return rows
 
 
-SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size}
+def bench_backbone(args):
+    """Our model vs transformers' on the same converted weights (fp32): prefill time and greedy decode speed."""
+    ckpt = args.ckpt or default_checkpoint()
+    ours = load_model(ckpt)
+    try:
+        from transformers import AutoModelForCausalLM
+        theirs = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+    except ImportError:
+        print("transformers is not installed: its columns are left empty")
+        theirs = None
+    idx = torch.randint(0, ours.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    prompt = idx[:, :32]  # (1, 32)
+
+    def our_decode():
+        for _ in ours.generate(prompt, args.decode, temperature=0):
+            pass
+
+    calls = {"ours_prefill": lambda: ours(idx), "ours_decode": our_decode}
+    if theirs is not None:
+        calls.update(theirs_prefill=lambda: theirs(idx), theirs_decode=lambda: theirs.generate(
+            prompt, max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False, pad_token_id=0))
+    with torch.inference_mode():
+        times = time_alternating(calls, args.reps, args.budget)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for what, unit, scale in (("prefill", f"ms ({args.prefill} tokens)", 1e3), ("decode", "tokens/s", None)):
+        value = lambda side: (med[f"{side}_{what}"] * scale if scale else args.decode / med[f"{side}_{what}"])
+        ours_v = value("ours")
+        theirs_v = value("theirs") if theirs is not None else None
+        # speedup > 1 means ours is faster
+        speedup = None if theirs_v is None else (theirs_v / ours_v if scale else ours_v / theirs_v)
+        rows.append(dict(section="backbone", what=what, unit=unit, ours=round(ours_v, 2),
+                         transformers=None if theirs_v is None else round(theirs_v, 2),
+                         ours_speedup=None if speedup is None else round(speedup, 3), rounds=len(times["ours_decode"])))
+        print_row(rows[-1])
+    return rows
+
+
+SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size, "backbone": bench_backbone}
 
 
 def print_row(row):
@@ -117,7 +159,7 @@ def print_row(row):
     if getattr(print_row, "cols", None) != (row["section"], cols):
         print_row.cols = (row["section"], cols)
         print(f"\n[{row['section']}]\n" + " ".join(f"{c:>10}" for c in cols))
-    print(" ".join(f"{row[c]:>10}" for c in cols), flush=True)
+    print(" ".join(f"{str(row[c]):>10}" for c in cols), flush=True)
 
 
 def main(argv=None):
@@ -135,9 +177,14 @@ def main(argv=None):
     g.add_argument("--T", type=ints, default=[512, 2048, 8192], help="sequence lengths")
     g.add_argument("--r", type=int, default=8, help="state rank")
     g.add_argument("--chunk-sizes", type=ints, default=[4, 8, 16, 32, 64], help="for the chunk_size section")
+    g.add_argument("--ckpt", help="backbone section: converted checkpoint (default: the embedded SmolLM2-135M)")
+    g.add_argument("--prefill", type=int, default=512, help="backbone section: prompt tokens timed for prefill")
+    g.add_argument("--decode", type=int, default=64, help="backbone section: greedy tokens generated")
     args = p.parse_args(argv)
     if args.quick:
         args.B, args.n, args.T, args.chunk_sizes, args.reps, args.budget = [1, 2], [1, 4], [16, 100], [4, 16], 3, 1.0
+        args.ckpt = args.ckpt or os.path.join(os.path.dirname(__file__), "tests", "fixtures", "hf_llama")
+        args.prefill, args.decode = 16, 4
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_quick(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", "scan,chunk_size", "--threads", "1",
+    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", "scan,chunk_size,backbone", "--threads", "1",
                     "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
     result = json.loads(out.read_text())
     assert result["meta"]["threads"] == 1
@@ -29,6 +29,8 @@ def test_bench_quick(tmp_path):
     assert {(row["mode"], row["B"], row["n"], row["T"], row["chunk_size"]) for row in chunk} == {
         (*key, C) for key in grid for C in (4, 16)}
     assert all(row["vs_best"] >= 1.0 for row in chunk)
+    backbone = [row for row in rows if row["section"] == "backbone"]
+    assert [row["what"] for row in backbone] == ["prefill", "decode"] and all(row["ours"] > 0 for row in backbone)
 
 
 def test_bench_help(capsys):
