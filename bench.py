@@ -6,12 +6,18 @@ Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table
   chunk_size  the chunked scan alone at several chunk sizes (how the default chunk size was chosen).
   backbone    model.py vs transformers on the same converted weights (fp32): prefill time and greedy decode speed
               (transformers is optional; without it, its columns are empty).
+  prefill     δ-mem (TSW, writing every token) vs the frozen backbone: prefill time, fp32 and bf16 autocast.
+  decode      the same, per-token latency of decoding after a prompt (the state read and written every token).
+  memory      bytes of the δ-mem state vs the KV cache holding the same history (computed, not timed).
+  train       tokens/s of train.py's default episode batch (write + read pass, backward) with the chunked scan vs
+              the loop, and the process's peak RSS.
+  compile     torch.compile on the δ-mem model vs eager prefill (not in the default sections: compiling is slow).
 
 Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
 other processes hits both alike; we report medians. Set --threads to the cores that are actually free: extra
 threads on a busy machine give 10-100x outliers. Flush-to-zero is on (denormals can stall a step for seconds).
 
-    python bench.py                        # full scan table (a few minutes: the loop's fwd+bwd at T = 8192 is slow)
+    python bench.py                        # every section but compile (the loop's fwd+bwd at T = 8192 is slow)
     python bench.py --quick                # tiny sizes, a few seconds (used by tests/test_bench.py)
     python bench.py --sections chunk_size --chunk-sizes 4,8,16,32,64
 """
@@ -19,15 +25,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from deltamem import delta_rule_chunked, delta_rule_loop
+from data import episodes
+from deltamem import DeltaMemConfig, attach, delta_rule_chunked, delta_rule_loop
 from load_hf_weights import default_checkpoint
-from model import load_model
+from model import KVCache, load_model
 
 
 def ints(text):
@@ -150,7 +158,126 @@ def bench_backbone(args):
     return rows
 
 
-SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size, "backbone": bench_backbone}
+def memory_models(args):
+    """The backbone twice: frozen, and with a fresh TSW adapter attached (reads and writes cost the same at init)."""
+    ckpt = args.ckpt or default_checkpoint()
+    backbone, mem = load_model(ckpt), attach(load_model(ckpt), DeltaMemConfig(write="tsw"))
+    return backbone, mem
+
+
+def bench_prefill(args):
+    """δ-mem prefill (writing the whole prompt) vs the frozen backbone, fp32 and bf16 autocast."""
+    backbone, mem = memory_models(args)
+    idx = torch.randint(0, backbone.config.vocab_size, (1, args.T_prefill), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        with torch.inference_mode(), autocast:
+            times = time_alternating({"backbone": lambda: backbone(idx), "deltamem": lambda: mem(idx)},
+                                     args.reps, args.budget)
+        b, m = (1e3 * statistics.median(times[s]) for s in ("backbone", "deltamem"))
+        rows.append(dict(section="prefill", dtype=dtype, T=args.T_prefill, backbone_ms=round(b, 1),
+                         deltamem_ms=round(m, 1), overhead=round(m / b, 3), rounds=len(times["backbone"])))
+        print_row(rows[-1])
+    return rows
+
+
+def bench_decode(args):
+    """Per-token decode latency after a prompt, δ-mem reading and writing every token vs the frozen backbone."""
+    backbone, mem = memory_models(args)
+    prompt = torch.randint(0, backbone.config.vocab_size, (1, args.T_decode), generator=torch.Generator().manual_seed(0))
+    steps = args.decode
+
+    def decode_ms(model):
+        """Prefill (untimed), then `steps` single-token calls with the KV cache (and the state): ms per token."""
+        cache = KVCache(model.config, 1, args.T_decode + steps, "cpu", torch.float32)
+        logits, state = model(prompt, cache=cache)
+        tok = logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = model(tok, state=state, cache=cache)
+            tok = logits[:, -1:].argmax(-1)
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+    times = {"backbone": [], "deltamem": []}
+    with torch.inference_mode():
+        decode_ms(backbone), decode_ms(mem)  # warm-up
+        for _ in range(max(3, args.reps // 2)):
+            for name, model in (("backbone", backbone), ("deltamem", mem)):
+                times[name].append(decode_ms(model))
+    b, m = (statistics.median(times[s]) for s in ("backbone", "deltamem"))
+    row = dict(section="decode", prompt=args.T_decode, tokens=steps, backbone_ms_per_token=round(b, 2),
+               deltamem_ms_per_token=round(m, 2), overhead=round(m / b, 3), rounds=len(times["backbone"]))
+    print_row(row)
+    return [row]
+
+
+def bench_memory(args):
+    """Bytes of the δ-mem state (fp32) vs the KV cache (bf16) that would keep the same history in context."""
+    configs = {"SmolLM2-135M": (30, 3, 64), "Qwen3-4B": (36, 8, 128)}  # layers, KV heads, head dim
+    rows = []
+    for name, (L, nkv, hd) in configs.items():
+        for write, n in (("tsw/ssw", 1), ("msw", 4)):
+            for T in (1024, 8192, 32768):
+                state, kv = L * n * 8 * 8 * 4, 2 * L * nkv * hd * T * 2
+                rows.append(dict(section="memory", model=name, write=write, history=T, state_bytes=state,
+                                 kv_cache_bytes=kv, kv_over_state=round(kv / state)))
+                print_row(rows[-1])
+    return rows
+
+
+def bench_train(args):
+    """Training throughput of train.py's default episode shape, with the chunked scan vs the per-token loop."""
+    import deltamem
+    import train
+    cfg = train.TrainConfig(ckpt=args.ckpt, device="cpu")
+    model, tok, device, autocast = train.setup(cfg)
+    batch = train.make_batch(tok, episodes(cfg.task(), "train", cfg.batch_size, seed=0), device)
+    n_tokens = int(batch["write_real"].sum() + batch["read_real"].sum())
+
+    def step():
+        ce, beta_term, n, _, _ = train.episode_loss(model, batch, cfg)
+        (ce / n + beta_term).backward()
+        model.zero_grad(set_to_none=True)
+
+    def with_scan(scan):
+        def call():
+            chunked, deltamem.delta_rule_chunked = deltamem.delta_rule_chunked, scan
+            try:
+                step()
+            finally:
+                deltamem.delta_rule_chunked = chunked
+        return call
+
+    times = time_alternating({"chunked": with_scan(deltamem.delta_rule_chunked),
+                              "loop": with_scan(deltamem.delta_rule_loop)}, args.reps, args.budget)
+    c, lp = (statistics.median(times[s]) for s in ("chunked", "loop"))
+    row = dict(section="train", episodes=cfg.batch_size, tokens=n_tokens, chunked_tok_s=round(n_tokens / c),
+               loop_tok_s=round(n_tokens / lp), speedup=round(lp / c, 2),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), rounds=len(times["loop"]))
+    print_row(row)
+    return [row]
+
+
+def bench_compile(args):
+    """Whether torch.compile helps δ-mem prefill here (the repo's default stays eager unless it does)."""
+    _, mem = memory_models(args)
+    idx = torch.randint(0, mem.config.vocab_size, (1, args.T_prefill), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(mem)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        compiled(idx)  # compiles
+        compile_s = time.perf_counter() - t0
+        times = time_alternating({"eager": lambda: mem(idx), "compiled": lambda: compiled(idx)}, args.reps, args.budget)
+    e, c = (1e3 * statistics.median(times[s]) for s in ("eager", "compiled"))
+    row = dict(section="compile", T=args.T_prefill, eager_ms=round(e, 1), compiled_ms=round(c, 1),
+               speedup=round(e / c, 3), compile_s=round(compile_s, 1), rounds=len(times["eager"]))
+    print_row(row)
+    return [row]
+
+
+SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size, "backbone": bench_backbone, "prefill": bench_prefill,
+            "decode": bench_decode, "memory": bench_memory, "train": bench_train, "compile": bench_compile}
 
 
 def print_row(row):
@@ -164,7 +291,8 @@ def print_row(row):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="scan", help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    p.add_argument("--sections", default="scan,chunk_size,backbone,prefill,decode,memory,train",
+                   help=f"comma-separated, from: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (seconds; for tests)")
     p.add_argument("--out", default="bench.json", help="JSON file for all rows and the run's settings")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -179,12 +307,14 @@ def main(argv=None):
     g.add_argument("--chunk-sizes", type=ints, default=[4, 8, 16, 32, 64], help="for the chunk_size section")
     g.add_argument("--ckpt", help="backbone section: converted checkpoint (default: the embedded SmolLM2-135M)")
     g.add_argument("--prefill", type=int, default=512, help="backbone section: prompt tokens timed for prefill")
-    g.add_argument("--decode", type=int, default=64, help="backbone section: greedy tokens generated")
+    g.add_argument("--decode", type=int, default=64, help="backbone, decode sections: tokens decoded")
+    g.add_argument("--T-prefill", type=int, default=2048, help="prefill, compile sections: prompt tokens")
+    g.add_argument("--T-decode", type=int, default=1024, help="decode section: prompt tokens before decoding")
     args = p.parse_args(argv)
     if args.quick:
         args.B, args.n, args.T, args.chunk_sizes, args.reps, args.budget = [1, 2], [1, 4], [16, 100], [4, 16], 3, 1.0
         args.ckpt = args.ckpt or os.path.join(os.path.dirname(__file__), "tests", "fixtures", "hf_llama")
-        args.prefill, args.decode = 16, 4
+        args.prefill, args.decode, args.T_prefill, args.T_decode = 16, 4, 16, 16
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

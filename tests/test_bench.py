@@ -12,10 +12,12 @@ import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick(tmp_path):
+def test_bench_quick(tmp_path, tiny_ckpt):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", "scan,chunk_size,backbone", "--threads", "1",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    sections = "scan,chunk_size,backbone,prefill,decode,memory,train"
+    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", sections, "--threads", "1", "--ckpt",
+                    str(tiny_ckpt), "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True,
+                   timeout=180)
     result = json.loads(out.read_text())
     assert result["meta"]["threads"] == 1
     rows = result["rows"]
@@ -31,6 +33,14 @@ def test_bench_quick(tmp_path):
     assert all(row["vs_best"] >= 1.0 for row in chunk)
     backbone = [row for row in rows if row["section"] == "backbone"]
     assert [row["what"] for row in backbone] == ["prefill", "decode"] and all(row["ours"] > 0 for row in backbone)
+    by_section = {s: [row for row in rows if row["section"] == s] for s in ("prefill", "decode", "memory", "train")}
+    assert [row["dtype"] for row in by_section["prefill"]] == ["float32", "bfloat16"]
+    assert all(row["overhead"] > 0 for row in by_section["prefill"] + by_section["decode"])
+    assert len(by_section["decode"]) == 1 and len(by_section["train"]) == 1 and by_section["train"][0]["speedup"] > 0
+    assert len(by_section["memory"]) == 2 * 2 * 3  # models × write modes × history lengths
+    qwen_32k = next(r for r in by_section["memory"] if r["model"] == "Qwen3-4B" and r["write"] == "tsw/ssw"
+                    and r["history"] == 32768)
+    assert qwen_32k["state_bytes"] == 36 * 8 * 8 * 4 and qwen_32k["kv_cache_bytes"] == 2 * 36 * 8 * 128 * 32768 * 2
 
 
 def test_bench_help(capsys):

@@ -1,35 +1,12 @@
 """train.py and data.py on a tiny random Llama with a tiny SmolLM2-style tokenizer (seconds on a CPU)."""
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import train
 from data import TaskConfig, episodes
-from model import ModelConfig, Transformer
 from tokenizer import load_tokenizer
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A converted-checkpoint directory: random 2-layer Llama over the tiny tokenizer fixture's vocabulary."""
-    out = tmp_path_factory.mktemp("tiny") / "ckpt"
-    out.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIXTURES / "tok_smollm" / name, out)
-    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=load_tokenizer(out).vocab_size, hidden_size=64,
-               intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
-    (out / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_hf(cfg))
-    save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, out / "model.safetensors")
-    return out
 
 
 def config(tiny_ckpt, tmp_path, **change) -> train.TrainConfig:
