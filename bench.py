@@ -82,41 +82,40 @@ def time_alternating(calls, reps, budget_s):
     return times
 
 
-def bench_scan(args):
-    rows = []
+def scan_cases(args):
+    """Every (T, B, n, mode) of the size grid, with its scan inputs and whether to time the backward too."""
     for T in args.T:
         for B in args.B:
             for n in args.n:
                 inputs = scan_inputs(B, T, n, args.r)
                 for mode in ("fwd", "fwd+bwd"):
-                    calls = {"loop": scan_call(delta_rule_loop, inputs, mode == "fwd+bwd"),
-                             "chunked": scan_call(delta_rule_chunked, inputs, mode == "fwd+bwd")}
-                    times = time_alternating(calls, args.reps, args.budget)
-                    loop_ms, chunked_ms = (1e3 * statistics.median(times[s]) for s in ("loop", "chunked"))
-                    rows.append(dict(section="scan", mode=mode, B=B, n=n, r=args.r, T=T,
-                                     loop_ms=round(loop_ms, 3), chunked_ms=round(chunked_ms, 3),
-                                     speedup=round(loop_ms / chunked_ms, 2), rounds=len(times["loop"])))
-                    print_row(rows[-1])
+                    yield dict(mode=mode, B=B, n=n, r=args.r, T=T), inputs, mode == "fwd+bwd"
+
+
+def bench_scan(args):
+    rows = []
+    for case, inputs, backward in scan_cases(args):
+        calls = {"loop": scan_call(delta_rule_loop, inputs, backward),
+                 "chunked": scan_call(delta_rule_chunked, inputs, backward)}
+        times = time_alternating(calls, args.reps, args.budget)
+        loop_ms, chunked_ms = (1e3 * statistics.median(times[s]) for s in ("loop", "chunked"))
+        rows.append(dict(section="scan", **case, loop_ms=round(loop_ms, 3), chunked_ms=round(chunked_ms, 3),
+                         speedup=round(loop_ms / chunked_ms, 2), rounds=len(times["loop"])))
+        print_row(rows[-1])
     return rows
 
 
 def bench_chunk_size(args):
     rows = []
-    for T in args.T:
-        for B in args.B:
-            for n in args.n:
-                inputs = scan_inputs(B, T, n, args.r)
-                for mode in ("fwd", "fwd+bwd"):
-                    calls = {C: scan_call(delta_rule_chunked, inputs, mode == "fwd+bwd", chunk_size=C)
-                             for C in args.chunk_sizes}
-                    times = time_alternating(calls, args.reps, args.budget)
-                    medians = {C: 1e3 * statistics.median(t) for C, t in times.items()}
-                    best = min(medians, key=medians.get)
-                    for C, ms in medians.items():
-                        rows.append(dict(section="chunk_size", mode=mode, B=B, n=n, r=args.r, T=T, chunk_size=C,
-                                         chunked_ms=round(ms, 3), vs_best=round(ms / medians[best], 2),
-                                         rounds=len(times[C])))
-                        print_row(rows[-1])
+    for case, inputs, backward in scan_cases(args):
+        calls = {C: scan_call(delta_rule_chunked, inputs, backward, chunk_size=C) for C in args.chunk_sizes}
+        times = time_alternating(calls, args.reps, args.budget)
+        medians = {C: 1e3 * statistics.median(t) for C, t in times.items()}
+        best = min(medians, key=medians.get)
+        for C, ms in medians.items():
+            rows.append(dict(section="chunk_size", **case, chunk_size=C, chunked_ms=round(ms, 3),
+                             vs_best=round(ms / medians[best], 2), rounds=len(times[C])))
+            print_row(rows[-1])
     return rows
 
 
