@@ -236,13 +236,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, idx, state: State | None = None, write=True, segment_ids=None, cache: KVCache | None = None,
-                pad_mask=None) -> tuple[torch.Tensor, State | None]:
+                pad_mask=None, logits=True) -> tuple[torch.Tensor | None, State | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the δ-mem state after this call (None without δ-mem).
 
         δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it;
         `segment_ids` (B, T) gives SSW its messages. `cache` continues a KV-cached sequence (prefill or decode).
         `pad_mask` (B, T), True for real tokens, lets rows of different lengths share a batch (left or right
         padding): pads are never attended to, don't advance positions, and neither read nor write the state.
+        `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, d)
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
             new_state.append(layer_state)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.model.norm(x)) if logits else None  # (B, T, V)
         return logits, (new_state if self.model.layers[0].self_attn.delta_mem is not None else None)
 
     @torch.no_grad()
