@@ -12,6 +12,8 @@ asks; "unseen" asks values that never occur in training at all.
 import random
 from dataclasses import dataclass
 
+import torch
+
 # attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
 # TaskConfig.values of each list form the training pool, the next TaskConfig.unseen_values are never trained on.
 ATTRIBUTES = {
@@ -20,7 +22,9 @@ ATTRIBUTES = {
     "food": "pizza pasta rice bread soup cheese salad chicken fish steak curry sushi cake cookies honey mango".split(),
     "city": "Paris London Rome Berlin Tokyo Madrid Vienna Prague Dublin Lisbon Athens Oslo Cairo Delhi Sydney Boston".split(),
     "sport": "tennis football golf hockey rugby cricket boxing cycling swimming skiing chess baseball surfing sailing rowing climbing".split(),
-    "drink": "tea coffee milk juice water wine beer lemonade soda cocoa".split(),
+    "country": "France Spain Italy Japan China India Brazil Canada Mexico Egypt Greece Kenya Peru Chile Norway Sweden".split(),
+    "fruit": "apple banana cherry grape lemon peach pear plum kiwi lime berry fig".split(),
+    "number": "one two three four five six seven eight nine ten eleven twelve".split(),
 }
 FILLER = [  # (user, assistant) small talk between facts
     ("How are you today?", "I'm doing well, thank you for asking."),
@@ -93,3 +97,51 @@ def make_episode(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
 def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(f"{split}-{seed}")
     return [make_episode(rng, cfg, split) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- episodes -> tensors
+
+def chat_with_segments(tok, messages) -> tuple[list[int], list[int]]:
+    """ChatML ids of a history's messages (no system prompt: it would be the same writes in every episode) and each
+    token's SSW segment: message i -> i."""
+    ids, seg = [], []
+    for i, m in enumerate(messages):
+        part = tok.encode_message(m)
+        ids, seg = ids + part, seg + [i] * len(part)
+    return ids, seg
+
+
+def value_span(tok, ep) -> tuple[list[int], int, int]:
+    """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""
+    head = ep["answer"][: ep["answer"].rindex(" " + ep["value"])]
+    ids = tok.encode(ep["answer"]) + [tok.added["<|im_end|>"]]
+    start, end = len(tok.encode(head)), len(tok.encode(head + " " + ep["value"]))
+    assert ids[:end] == tok.encode(head + " " + ep["value"]), "the value must be whole tokens of the answer"
+    return ids, start, end
+
+
+def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([[value] * (T - len(r)) + r if left else r + [value] * (T - len(r)) for r in rows])
+
+
+def make_batch(tok, eps: list[dict], device) -> dict:
+    """Write pass (history, segment ids) and read pass (question + answer, labels on the answer) tensors."""
+    hist = [chat_with_segments(tok, ep["history"]) for ep in eps]
+    read, labels, value_pos = [], [], []
+    for ep in eps:
+        prompt = tok.encode_chat([{"role": "user", "content": ep["question"]}])
+        answer, start, end = value_span(tok, ep)
+        read.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+        value_pos.append((len(prompt) + start, len(prompt) + end))
+    t = dict(write=pad([h[0] for h in hist], 0), segments=pad([h[1] for h in hist], -1),
+             write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
+             read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100))
+    return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
+
+
+def write_pass(model, b):
+    """Write a batch's histories into a fresh δ-mem state (no logits needed) and return the state."""
+    return model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False)[1]
+

@@ -11,9 +11,11 @@ episodes, the frozen backbone (question only; history in context), the δ-mem st
 episode's, the informative control) and state + history, with Wilson 95% intervals.
 """
 import argparse
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -22,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import TaskConfig, episodes
-from deltamem import DeltaMemConfig, adapter_parameters, attach, base_model_id, load_adapter, save_adapter
+from data import TaskConfig, episodes, make_batch, write_pass
+from deltamem import DeltaMemConfig, adapter_parameters, attach, base_model_id, save_adapter
+from evaluate import CONDITIONS, evaluate, final_evaluation, precision
 from load_hf_weights import default_checkpoint
 from model import load_model
 from tokenizer import load_tokenizer
@@ -32,35 +35,34 @@ from tokenizer import load_tokenizer
 @dataclass
 class TrainConfig:
     # δ-mem
-    write: str = "tsw"  # tsw | ssw | msw
-    rank: int = 8
-    beta_bias_init: float = -4.0  # paper: -1.5; -4 keeps a fact ~0.98 per later token (see README)
+    write: str = "tsw"  # tsw: every token writes; ssw: one write per message; msw: 4 states, every token
+    rank: int = 8  # r: each state is r x r
+    beta_bias_init: float = -4.0  # initial write-gate bias: β = sigmoid(-4) = 0.018, a fact keeps ~0.98 per later token (paper: -1.5)
     # task (data.py)
-    attributes: int = 3
-    values: int = 8
-    facts: int = 3
-    filler: int = 0
-    answer: str = "short"
+    attributes: int = 3  # attributes in the task (colour, animal, food, ... up to 8)
+    values: int = 8  # training values per attribute
+    facts: int = 3  # facts per history, one per attribute; one of them is asked
+    filler: int = 0  # small-talk turns placed between and after the facts
+    answer: str = "short"  # short: "It's teal." | sentence: "Your favourite colour is teal."
     # optimisation
     episodes: int = 2400  # training episodes in total
     batch_size: int = 8  # episodes per optimizer step
     micro_batch: int = 8  # episodes per forward/backward (accumulated up to batch_size)
-    lr: float = 3e-3  # paper: 2e-4 (at 32 episodes/step on a 4B model)
+    lr: float = 3e-3  # peak learning rate (paper: 2e-4 at 32 episodes/step on a 4B model)
     warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine to 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
     beta_weight: float = 0.01  # weight of the β sparsity term
-    beta_target: float = 0.05
+    beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
     eval_episodes: int = 64  # episodes per split in the final evaluation
-    out: str = "runs/tsw"
+    out: str = "runs/tsw"  # run directory: ckpt.pt, adapter.safetensors, eval.json, PNGs
     ckpt: str | None = None  # converted backbone directory (default: the embedded SmolLM2-135M-Instruct)
     device: str | None = None  # default: cuda if available, else cpu
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 (autocast)
-    seed: int = 0
+    dtype: str = "bfloat16"  # bfloat16: backbone weights in bf16 + autocast (δ-mem and its state stay fp32) | float32
+    seed: int = 0  # seeds the adapter init and the episode stream
     resume: bool = False  # continue from out/ckpt.pt
-    eval_adapter: str | None = None  # skip training: evaluate this saved adapter (its own δ-mem config)
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
@@ -70,55 +72,7 @@ class TrainConfig:
         return DeltaMemConfig(write=self.write, rank=self.rank, beta_bias_init=self.beta_bias_init)
 
 
-# ----------------------------------------------------------------------------- episodes -> tensors
-
-def chat_with_segments(tok, messages) -> tuple[list[int], list[int]]:
-    """ChatML ids of a history and each token's SSW segment: the system prompt -1, message i -> i."""
-    ids, seg = [], []
-    if tok.system_prompt:
-        ids = tok.encode_message({"role": "system", "content": tok.system_prompt})
-        seg = [-1] * len(ids)
-    for i, m in enumerate(messages):
-        part = tok.encode_message(m)
-        ids, seg = ids + part, seg + [i] * len(part)
-    return ids, seg
-
-
-def value_span(tok, ep) -> tuple[list[int], int, int]:
-    """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""
-    head = ep["answer"][: ep["answer"].rindex(" " + ep["value"])]
-    ids = tok.encode(ep["answer"]) + [tok.added["<|im_end|>"]]
-    start, end = len(tok.encode(head)), len(tok.encode(head + " " + ep["value"]))
-    assert ids[:end] == tok.encode(head + " " + ep["value"]), "the value must be whole tokens of the answer"
-    return ids, start, end
-
-
-def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
-    T = max(len(r) for r in rows)
-    return torch.tensor([[value] * (T - len(r)) + r if left else r + [value] * (T - len(r)) for r in rows])
-
-
-def make_batch(tok, eps: list[dict], device) -> dict:
-    """Write pass (history, segment ids) and read pass (question + answer, labels on the answer) tensors."""
-    hist = [chat_with_segments(tok, ep["history"]) for ep in eps]
-    read, labels, value_pos = [], [], []
-    for ep in eps:
-        prompt = tok.encode_chat([{"role": "user", "content": ep["question"]}])
-        answer, start, end = value_span(tok, ep)
-        read.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-        value_pos.append((len(prompt) + start, len(prompt) + end))
-    t = dict(write=pad([h[0] for h in hist], 0), segments=pad([h[1] for h in hist], -1),
-             write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
-             read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100))
-    return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
-
-
 # ----------------------------------------------------------------------------- training
-
-def write_pass(model, b):
-    return model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"])[1]
-
 
 def episode_loss(model, b, cfg: TrainConfig):
     """(sum of answer-token cross-entropies, β term, answer tokens) for one micro-batch of episodes."""
@@ -158,109 +112,6 @@ def train_step(model, opt, tok, cfg: TrainConfig, step: int, total: int, device,
     opt.zero_grad(set_to_none=True)
     return dict(step=step, loss=ce_sum / n_tokens.item(), lr=lr, beta=beta_mean, state_norm=norm,
                 grad_norm=grad_norm.item())
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p, d = k / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
-CONDITIONS = {  # name -> (history written to the state, history in context, state shuffled across episodes)
-    "a_question_only": (False, False, False),
-    "b_history_in_context": (False, True, False),
-    "c_state_only": (True, False, False),
-    "d_shuffled_state": (True, False, True),
-    "e_state_and_context": (True, True, False),
-}
-
-
-@torch.no_grad()
-def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, conditions=CONDITIONS, greedy=True) -> dict:
-    """Exact match of the greedy answer and teacher-forced value accuracy per condition (a)–(e).
-
-    greedy=False skips generation (exact match counts stay 0): the cheap check used during training.
-    """
-    counts = {c: dict(exact=0, value=0, donor=0, n=0) for c in conditions}
-    for i in range(0, len(eps), batch_size):
-        group = eps[i:i + batch_size]
-        b = make_batch(tok, group, device)
-        with autocast():
-            state = write_pass(model, b)
-        for name, (written, in_context, shuffled) in conditions.items():
-            s = None if not written else [x.roll(1, 0) for x in state] if shuffled else state
-            with autocast():
-                exact, value = answer_episodes(model, tok, group, s, in_context, device, greedy)
-            donors = [group[(j - 1) % len(group)]["answer"] for j in range(len(group))]
-            c = counts[name]
-            c["exact"] += sum(a == ep["answer"] for a, ep in zip(exact, group))
-            c["donor"] += sum(a == d for a, d in zip(exact, donors))
-            c["value"] += sum(value)
-            c["n"] += len(group)
-    return {name: {**c, "exact_ci": wilson(c["exact"], c["n"]), "value_ci": wilson(c["value"], c["n"])}
-            for name, c in counts.items()}
-
-
-def answer_episodes(model, tok, group, state, in_context: bool, device, greedy=True) -> tuple[list[str], list[bool]]:
-    """Greedy answers (text; empty if not greedy) and whether teacher forcing puts the argmax on every value token."""
-    prompts, full, spans = [], [], []
-    for ep in group:
-        messages = (ep["history"] if in_context else []) + [{"role": "user", "content": ep["question"]}]
-        prompt = tok.encode_chat(messages)
-        answer, start, end = value_span(tok, ep)
-        prompts.append(prompt)
-        full.append(prompt + answer)
-        spans.append((len(prompt) + start, len(prompt) + end))
-    texts = [""] * len(group)
-    if greedy:  # as many new tokens as the longest answer has, plus one to see whether it stops
-        idx = pad(prompts, 0, left=True).to(device)
-        real = pad([[1] * len(p) for p in prompts], 0, left=True).bool().to(device)
-        n_new = max(len(f) - len(p) for f, p in zip(full, prompts)) + 1
-        steps = [t for t, _ in model.generate(idx, n_new, temperature=0, stop_ids=tok.stop_ids, pad_mask=real,
-                                              state=state, write=False)]
-        out = torch.stack(steps, 1).tolist()  # (B, steps)
-        texts = [tok.decode(row[: next((k for k, t in enumerate(row) if t in tok.stop_ids), len(row))]).strip()
-                 for row in out]
-    ids = pad(full, 0).to(device)
-    logits, _ = model(ids, state=state, write=False, pad_mask=pad([[1] * len(f) for f in full], 0).bool().to(device))
-    pred = logits.argmax(-1)  # (B, T): pred[:, t] predicts token t + 1
-    value = [bool((pred[j, s - 1:e - 1] == ids[j, s:e]).all()) for j, (s, e) in enumerate(spans)]
-    return texts, value
-
-
-def report(results: dict) -> str:
-    lines = [f"{'split':8} {'condition':22} {'exact':>18} {'teacher-forced':>18} {'=donor':>7}"]
-    for split, res in results.items():
-        for name, c in res.items():
-            ex, tf = c["exact_ci"], c["value_ci"]
-            lines.append(f"{split:8} {name:22} {c['exact'] / c['n']:6.1%} [{ex[0]:.0%},{ex[1]:.0%}]"
-                         f"  {c['value'] / c['n']:6.1%} [{tf[0]:.0%},{tf[1]:.0%}] {c['donor'] / c['n']:6.1%}")
-    return "\n".join(lines)
-
-
-def plot_results(results: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=True, squeeze=False)
-    for ax, (split, res) in zip(axes[0], results.items()):
-        names = list(res)
-        acc = [res[n]["exact"] / res[n]["n"] for n in names]
-        err = [[a - res[n]["exact_ci"][0] for a, n in zip(acc, names)], [res[n]["exact_ci"][1] - a for a, n in zip(acc, names)]]
-        ax.bar(range(len(names)), acc, yerr=err, capsize=3, color=["#999", "#69c", "#d62", "#bbb", "#e95"])
-        ax.set_xticks(range(len(names)), [n[0] for n in names])
-        ax.set_title(f"{split} (n={res[names[0]]['n']})")
-    axes[0][0].set_ylabel("exact match (95% Wilson)")
-    fig.text(0.5, 0.01, "a question only · b history in context · c state only · d shuffled state · e state + context",
-             ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_curve(log: list[dict], path: Path):
@@ -309,41 +160,31 @@ def load_checkpoint(path: Path, model, opt) -> tuple[int, list]:
 
 # ----------------------------------------------------------------------------- main
 
+def field_help() -> dict[str, str]:
+    """TrainConfig's field comments, which double as the --help texts (one source of truth)."""
+    return dict(re.findall(r"^    (\w+): .*?  # (.+)$", inspect.getsource(TrainConfig), re.M))
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps, choices = field_help(), {"write": ["tsw", "ssw", "msw"], "dtype": ["bfloat16", "float32"],
+                                          "answer": ["short", "sentence"]}
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=helps.get(f.name, " "))
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "write":
-            p.add_argument(flag, choices=["tsw", "ssw", "msw"], default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=f.type if f.type in (int, float) else str, default=f.default)
+            p.add_argument(flag, type=f.type if f.type in (int, float) else str, choices=choices.get(f.name), **kw)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
 def setup(cfg: TrainConfig):
-    """Backbone + tokenizer, with δ-mem attached fresh (or loaded from --eval-adapter); device and autocast."""
+    """Frozen backbone (bf16 weights unless float32) + tokenizer, with a fresh δ-mem attached; device and autocast."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16 = cfg.dtype == "bfloat16"
     ckpt = cfg.ckpt or default_checkpoint()
-    model = load_model(ckpt, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if cfg.eval_adapter:
-        load_adapter(model, cfg.eval_adapter)
-    else:
-        attach(model, cfg.memory())
-    return model, load_tokenizer(ckpt), device, autocast
-
-
-def final_evaluation(model, tok, cfg: TrainConfig, device, autocast, out: Path) -> dict:
-    """All conditions on the valid, test (held-out pairs) and unseen-values splits: table, eval.json, eval.png."""
-    results = {split: evaluate(model, tok, episodes(cfg.task(), split, cfg.eval_episodes, seed=cfg.seed + 1),
-                               device, autocast) for split in ("valid", "test", "unseen")}
-    print(report(results))
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
-    plot_results(results, out / "eval.png")
-    return results
+    model = attach(load_model(ckpt, device=device, dtype=torch.bfloat16 if bf16 else torch.float32), cfg.memory())
+    return model, load_tokenizer(ckpt), device, lambda: precision(device, bf16)
 
 
 def main(argv=None):
@@ -356,9 +197,6 @@ def main(argv=None):
         model, tok, device, autocast = setup(cfg)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    if cfg.eval_adapter:
-        final_evaluation(model, tok, cfg, device, autocast, out)
-        return
     params = list(adapter_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, cfg.episodes // cfg.batch_size)
@@ -393,7 +231,7 @@ def main(argv=None):
         sys.exit(f"interrupted at step {step}; saved {out / 'ckpt.pt'} (continue with --resume)")
     save_adapter(model, out / "adapter.safetensors", {"train_config": json.dumps(asdict(cfg))})
     plot_curve(log, out / "loss.png")
-    final_evaluation(model, tok, cfg, device, autocast, out)
+    final_evaluation(model, tok, cfg.task(), cfg.eval_episodes, cfg.seed, device, autocast, out)
     print(f"wrote {out}/adapter.safetensors, eval.json, eval.png, loss.png ({(time.time() - t0) / 60:.1f} min)")
 
 

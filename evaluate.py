@@ -1,0 +1,372 @@
+"""Does the δ-mem state remember? Evaluate trained adapters against controls, on data.py's task and on LoCoMo.
+
+    python evaluate.py runs/tsw/adapter.safetensors                     # conditions (a)–(e), 3 splits, Wilson 95%
+    python evaluate.py runs/tsw/adapter.safetensors runs/ssw/adapter.safetensors --curves   # capacity, forgetting
+    python evaluate.py runs/tsw/adapter.safetensors --locomo locomo10.json --recent 256      # token F1 on LoCoMo
+
+Conditions (train.py's final evaluation uses the same code): (a) frozen backbone, question only (the floor: a zero
+state reads 0, so δ-mem adds nothing); (b) frozen backbone with the history in context; (c) δ-mem state only;
+(d) a shuffled state, written from another episode's history (the informative control); (e) state + history.
+LoCoMo (Maharana et al., 2024) is read from the public JSON; see `load_locomo` and `token_f1` for how our score
+differs from the official scorer.
+"""
+import argparse
+import json
+import math
+import re
+import string
+import sys
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data import TaskConfig, chat_with_segments, episodes, make_batch, pad, value_span, write_pass
+from deltamem import load_adapter, read_safetensors
+from load_hf_weights import default_checkpoint
+from model import load_model
+from tokenizer import load_tokenizer
+
+
+def precision(device: torch.device, bf16: bool) -> ExitStack:
+    """bf16 autocast (a no-op when bf16 is False); on CPU also the math attention kernel, because the fused CPU
+    kernel's bf16 backward took 30% of a training step (torch.profiler, SmolLM2-135M, this repo's 2-core CPU)."""
+    stack = ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
+    if bf16 and device.type == "cpu":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+# ----------------------------------------------------------------------------- the synthetic task
+
+CONDITIONS = {  # name -> (history written to the state, history in context, state shuffled across episodes)
+    "a_question_only": (False, False, False),
+    "b_history_in_context": (False, True, False),
+    "c_state_only": (True, False, False),
+    "d_shuffled_state": (True, False, True),
+    "e_state_and_context": (True, True, False),
+}
+
+
+@torch.no_grad()
+def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, conditions=CONDITIONS, greedy=True) -> dict:
+    """Exact match of the greedy answer and teacher-forced value accuracy per condition (a)–(e).
+
+    greedy=False skips generation (exact match counts stay 0): the cheap check used during training.
+    """
+    counts = {c: dict(exact=0, value=0, donor=0, n=0) for c in conditions}
+    for i in range(0, len(eps), batch_size):
+        group = eps[i:i + batch_size]
+        b = make_batch(tok, group, device)
+        with autocast():
+            state = write_pass(model, b)
+        for name, (written, in_context, shuffled) in conditions.items():
+            s = None if not written else [x.roll(1, 0) for x in state] if shuffled else state
+            with autocast():
+                exact, value = answer_episodes(model, tok, group, s, in_context, device, greedy)
+            donors = [group[(j - 1) % len(group)]["answer"] for j in range(len(group))]
+            c = counts[name]
+            c["exact"] += sum(a == ep["answer"] for a, ep in zip(exact, group))
+            c["donor"] += sum(a == d for a, d in zip(exact, donors))
+            c["value"] += sum(value)
+            c["n"] += len(group)
+    return {name: {**c, "exact_ci": wilson(c["exact"], c["n"]), "value_ci": wilson(c["value"], c["n"])}
+            for name, c in counts.items()}
+
+
+def answer_episodes(model, tok, group, state, in_context: bool, device, greedy=True) -> tuple[list[str], list[bool]]:
+    """Greedy answers (text; empty if not greedy) and whether teacher forcing puts the argmax on every value token."""
+    prompts, full, spans = [], [], []
+    for ep in group:
+        messages = (ep["history"] if in_context else []) + [{"role": "user", "content": ep["question"]}]
+        prompt = tok.encode_chat(messages)
+        answer, start, end = value_span(tok, ep)
+        prompts.append(prompt)
+        full.append(prompt + answer)
+        spans.append((len(prompt) + start, len(prompt) + end))
+    texts = [""] * len(group)
+    if greedy:  # as many new tokens as the longest answer has, plus one to see whether it stops
+        n_new = max(len(f) - len(p) for f, p in zip(full, prompts)) + 1
+        texts = generate_answers(model, tok, prompts, state, n_new, device)
+    ids = pad(full, 0).to(device)
+    logits, _ = model(ids, state=state, write=False, pad_mask=pad([[1] * len(f) for f in full], 0).bool().to(device))
+    pred = logits.argmax(-1)  # (B, T): pred[:, t] predicts token t + 1
+    value = [bool((pred[j, s - 1:e - 1] == ids[j, s:e]).all()) for j, (s, e) in enumerate(spans)]
+    return texts, value
+
+
+def generate_answers(model, tok, prompts: list[list[int]], state, max_new_tokens: int, device) -> list[str]:
+    """Greedy continuations of a left-padded batch of prompts, read-only on `state`, cut at the first stop id."""
+    idx = pad(prompts, 0, left=True).to(device)  # (B, T)
+    real = pad([[1] * len(p) for p in prompts], 0, left=True).bool().to(device)
+    steps = [t for t, _ in model.generate(idx, max_new_tokens, temperature=0, stop_ids=tok.stop_ids, pad_mask=real,
+                                          state=state, write=False)]
+    out = torch.stack(steps, 1).tolist()  # (B, steps)
+    return [tok.decode(row[: next((k for k, t in enumerate(row) if t in tok.stop_ids), len(row))]).strip()
+            for row in out]
+
+
+def report(results: dict) -> str:
+    lines = [f"{'split':8} {'condition':22} {'exact':>18} {'teacher-forced':>18} {'=donor':>7}"]
+    for split, res in results.items():
+        for name, c in res.items():
+            ex, tf = c["exact_ci"], c["value_ci"]
+            lines.append(f"{split:8} {name:22} {c['exact'] / c['n']:6.1%} [{ex[0]:.0%},{ex[1]:.0%}]"
+                         f"  {c['value'] / c['n']:6.1%} [{tf[0]:.0%},{tf[1]:.0%}] {c['donor'] / c['n']:6.1%}")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=True, squeeze=False)
+    for ax, (split, res) in zip(axes[0], results.items()):
+        names = list(res)
+        acc = [res[n]["exact"] / res[n]["n"] for n in names]
+        err = [[a - res[n]["exact_ci"][0] for a, n in zip(acc, names)], [res[n]["exact_ci"][1] - a for a, n in zip(acc, names)]]
+        ax.bar(range(len(names)), acc, yerr=err, capsize=3, color=["#999", "#69c", "#d62", "#bbb", "#e95"])
+        ax.set_xticks(range(len(names)), [n[0] for n in names])
+        ax.set_title(f"{split} (n={res[names[0]]['n']})")
+    axes[0][0].set_ylabel("exact match (95% Wilson)")
+    fig.text(0.5, 0.01, "a question only · b history in context · c state only · d shuffled state · e state + context",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, out: Path) -> dict:
+    """All conditions on the valid, test (held-out pairs) and unseen-values splits: table, eval.json, eval.png."""
+    results = {split: evaluate(model, tok, episodes(task, split, n, seed=seed + 1), device, autocast)
+               for split in ("valid", "test", "unseen")}
+    print(report(results))
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    plot_results(results, out / "eval.png")
+    return results
+
+
+# ----------------------------------------------------------------------------- capacity and forgetting
+
+def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fillers=(0, 1, 2, 4, 8)) -> dict:
+    """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
+    the history (capacity, no filler) and (2) against filler turns after a single fact (forgetting)."""
+    conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
+    point = lambda t: {k: v["value"] / v["n"] for k, v in
+                       evaluate(model, tok, episodes(t, "valid", n, seed), device, autocast, greedy=False,
+                                conditions=conditions).items()}
+    capacity = {k: point(TaskConfig(**{**vars(task), "facts": k, "filler": 0})) for k in range(1, task.attributes + 1)}
+    forgetting = {}
+    for f in fillers:
+        t = TaskConfig(**{**vars(task), "facts": 1, "filler": f})
+        after = [len(chat_with_segments(tok, ep["history"][1:])[0]) for ep in episodes(t, "valid", n, seed)]
+        forgetting[f] = {**point(t), "tokens_after": sum(after) / n}
+    return {"capacity": capacity, "forgetting": forgetting, "n": n}
+
+
+def plot_curves(results: dict, path: Path):
+    """One line per adapter (solid: state only, dotted: shuffled state) in a capacity and a forgetting panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for i, (name, r) in enumerate(results.items()):
+        cap, fog = r["capacity"], r["forgetting"]
+        ax1.plot(list(cap), [v["c_state_only"] for v in cap.values()], "o-", c=f"C{i}", label=f"{name} state")
+        ax1.plot(list(cap), [v["d_shuffled_state"] for v in cap.values()], "o:", c=f"C{i}", alpha=0.6,
+                 label=f"{name} shuffled")
+        x = [v["tokens_after"] for v in fog.values()]
+        ax2.plot(x, [v["c_state_only"] for v in fog.values()], "o-", c=f"C{i}")
+        ax2.plot(x, [v["d_shuffled_state"] for v in fog.values()], "o:", c=f"C{i}", alpha=0.6)
+    ax1.set(xlabel="facts in the history", ylabel=f"teacher-forced accuracy (n={r['n']} per point)", ylim=(0, 1),
+            title="capacity")
+    ax2.set(xlabel="filler tokens after the fact", title="forgetting (one fact)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- LoCoMo
+
+def load_locomo(path) -> list[dict]:
+    """The public LoCoMo JSON as [{"messages": [...], "qa": [...]}], checked field by field.
+
+    Each session becomes one message announcing its date ("Session 3, 1:56 pm on 8 May, 2023.") followed by its
+    turns, every turn a user message "Speaker: text" (plus " [shares <caption>]" for shared images).
+    """
+    path = Path(path)
+    try:
+        samples = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable LoCoMo JSON file ({e})") from None
+    if not isinstance(samples, list) or not samples:
+        raise ValueError(f"{path}: expected a non-empty list of samples")
+    out = []
+    for i, s in enumerate(samples):
+        where = f"{path}: sample {i}"
+        if not isinstance(s, dict) or not isinstance(s.get("conversation"), dict) or not isinstance(s.get("qa"), list):
+            raise ValueError(f"{where}: needs a 'conversation' object and a 'qa' list")
+        conv = s["conversation"]
+        sessions = sorted((int(k.split("_")[1]), k) for k in conv if re.fullmatch(r"session_\d+", k))
+        if not sessions:
+            raise ValueError(f"{where}: conversation has no session_N lists")
+        messages = []
+        for n, key in sessions:
+            messages.append({"role": "user", "content": f"Session {n}, {conv.get(key + '_date_time', 'date unknown')}."})
+            for j, turn in enumerate(conv[key]):
+                if not isinstance(turn, dict) or not {"speaker", "text"} <= set(turn):
+                    raise ValueError(f"{where}: {key}[{j}] needs 'speaker' and 'text'")
+                shared = f" [shares {turn['blip_caption']}]" if turn.get("blip_caption") else ""
+                messages.append({"role": "user", "content": f"{turn['speaker']}: {turn['text']}{shared}"})
+        for j, q in enumerate(s["qa"]):
+            if not isinstance(q, dict) or "question" not in q or "category" not in q:
+                raise ValueError(f"{where}: qa[{j}] needs 'question' and 'category'")
+            if q["category"] != 5 and "answer" not in q:
+                raise ValueError(f"{where}: qa[{j}] (category {q['category']}) has no 'answer'")
+        out.append({"messages": messages, "qa": [q for q in s["qa"] if q["category"] in (1, 2, 3, 4)]})
+    return out
+
+
+def normalize_answer(s) -> list[str]:
+    """Lower-case words without punctuation and without the articles a/an/the (and 'and', as LoCoMo's scorer)."""
+    s = "".join(c for c in str(s).lower() if c not in string.punctuation)
+    return [w for w in s.split() if w not in ("a", "an", "the", "and")]
+
+
+def token_f1(prediction: str, answer) -> float:
+    """Token-level F1 of normalised words. The official LoCoMo scorer also Porter-stems every word, splits
+    category-1 answers at commas (mean over parts of the best match) and keeps only the part of category-3 answers
+    before ';'; we score the whole answer as one string, unstemmed, in every category."""
+    p, a = normalize_answer(prediction), normalize_answer(answer)
+    common = sum((Counter(p) & Counter(a)).values())
+    if common == 0:
+        return 0.0
+    precision_, recall = common / len(p), common / len(a)
+    return 2 * precision_ * recall / (precision_ + recall)
+
+
+@torch.no_grad()
+def write_messages(model, tok, messages: list[dict], window: int, device, autocast):
+    """Write a conversation into a fresh state, whole messages at a time in windows of at most `window` tokens,
+    carrying the state (not the KV cache) across windows: attention never spans two windows."""
+    state, ids, seg = None, [], []
+    for m in messages + [None]:
+        part = tok.encode_message(m)[:window] if m else []  # a message longer than a window is cut
+        if ids and (m is None or len(ids) + len(part) > window):
+            with autocast():
+                _, state = model(torch.tensor([ids], device=device), state=state, logits=False,
+                                 segment_ids=torch.tensor([seg], device=device))  # (1, T) each
+            ids, seg = [], []
+        ids, seg = ids + part, seg + [seg[-1] + 1 if seg else 0] * len(part)  # SSW: one segment per message
+    return state
+
+
+def recent_messages(tok, messages: list[dict], budget: int) -> list[dict]:
+    """The most recent whole messages that fit in `budget` tokens."""
+    kept, used = [], 0
+    for m in reversed(messages):
+        used += len(tok.encode_message(m))
+        if used > budget:
+            break
+        kept.insert(0, m)
+    return kept
+
+
+@torch.no_grad()
+def locomo_eval(model, tok, samples: list[dict], recent: int, window: int, device, autocast, batch_size=8,
+                max_new_tokens=24) -> dict:
+    """Mean token F1 per category (1–4) and overall for: the backbone with only the `recent` most recent tokens in
+    context, the same with the conversation's δ-mem state, and with another conversation's state (control)."""
+    states = [write_messages(model, tok, s["messages"], window, device, autocast) for s in samples]
+    names = ("backbone", "deltamem", "shuffled_state")
+    scores = {name: {} for name in names}
+    for i, s in enumerate(samples):
+        context = recent_messages(tok, s["messages"], recent)
+        for j in range(0, len(s["qa"]), batch_size):
+            qa = s["qa"][j:j + batch_size]
+            prompts = [tok.encode_chat(context + [{"role": "user", "content": f"{q['question']} Answer briefly."}])
+                       for q in qa]
+            for name, st in zip(names, (None, states[i], states[(i + 1) % len(samples)])):
+                batch_state = None if st is None else [x.expand(len(qa), -1, -1, -1) for x in st]
+                with autocast():
+                    answers = generate_answers(model, tok, prompts, batch_state, max_new_tokens, device)
+                for q, a in zip(qa, answers):
+                    scores[name].setdefault(str(q["category"]), []).append(token_f1(a, q["answer"]))
+    mean = lambda xs: sum(xs) / len(xs)
+    return {name: {**{c: mean(v) for c, v in sorted(per.items())},
+                   "overall": mean([x for v in per.values() for x in v]), "n": sum(map(len, per.values()))}
+            for name, per in scores.items()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def task_of(adapter) -> TaskConfig:
+    """The task an adapter was trained on (train.py stores its TrainConfig in the file), else the default task."""
+    train_config = json.loads(read_safetensors(adapter)[1].get("train_config", "{}"))
+    return TaskConfig(**{k: v for k, v in train_config.items() if k in TaskConfig.__dataclass_fields__})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("adapters", nargs="+", help="adapter .safetensors files (train.py writes runs/<name>/adapter.safetensors)")
+    p.add_argument("--ckpt", help="converted backbone directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table")
+    p.add_argument("--locomo", help="a LoCoMo JSON file: token F1 instead of the conditions table")
+    p.add_argument("--recent", type=int, default=256, help="LoCoMo: tokens of the most recent turns kept in context")
+    p.add_argument("--window", type=int, default=1024, help="LoCoMo: tokens per write window")
+    p.add_argument("--out", default=".", help="directory for the JSON and PNG outputs")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = args.dtype == "bfloat16"
+    autocast = lambda: precision(device, bf16)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        ckpt = args.ckpt or default_checkpoint()
+        tok = load_tokenizer(ckpt)
+        samples = load_locomo(args.locomo) if args.locomo else None
+        results = {}
+        for adapter in args.adapters:
+            model = load_adapter(load_model(ckpt, device, torch.bfloat16 if bf16 else torch.float32), adapter)
+            name = f"{model.delta_mem_config.write} ({Path(adapter).parent.name})"
+            if samples is not None:
+                results[name] = locomo_eval(model, tok, samples, args.recent, args.window, device, autocast)
+                print(name, json.dumps(results[name], indent=1))
+            elif args.curves:
+                results[name] = curves(model, tok, task_of(adapter), args.episodes, args.seed, device, autocast)
+                print(name, json.dumps(results[name]))
+            else:
+                print(name)
+                where = out if len(args.adapters) == 1 else out / Path(adapter).parent.name
+                where.mkdir(parents=True, exist_ok=True)
+                results[name] = final_evaluation(model, tok, task_of(adapter), args.episodes, args.seed, device,
+                                                 autocast, where)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    kind = "locomo" if samples is not None else "curves" if args.curves else None
+    if kind:
+        (out / f"{kind}.json").write_text(json.dumps(results, indent=2))
+        if args.curves:
+            plot_curves(results, out / "curves.png")
+        print(f"wrote {out / kind}.json" + (" and curves.png" if args.curves else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""evaluate.py: intervals, F1, the LoCoMo reader, windowed writing, curves and the CLI, on a tiny random model."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from data import TaskConfig
+from deltamem import DeltaMemConfig, attach, save_adapter
+from model import load_model
+from tokenizer import load_tokenizer
+
+LOCOMO = Path(__file__).parent / "fixtures" / "locomo_tiny.json"
+fp32 = lambda: evaluate.precision(torch.device("cpu"), bf16=False)
+
+
+def test_wilson_intervals():
+    lo, hi = evaluate.wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)  # z²/(n+z²) = 3.8416/13.8416
+    lo, hi = evaluate.wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_token_f1_on_hand_computed_cases():
+    assert evaluate.normalize_answer("The Old, harbour!") == ["old", "harbour"]
+    assert evaluate.token_f1("The old harbour.", "the old harbour") == 1.0
+    assert evaluate.token_f1("a big marathon", "a marathon") == pytest.approx(2 / 3)  # P = 1/2, R = 1
+    assert evaluate.token_f1("violin and piano", "violin, Lisbon") == pytest.approx(0.5)  # P = 1/2, R = 1/2
+    assert evaluate.token_f1("in 2023", 2023) == pytest.approx(2 / 3)  # numeric answers are compared as text
+    assert evaluate.token_f1("", "Pepper") == 0.0
+
+
+def test_locomo_reader():
+    samples = evaluate.load_locomo(LOCOMO)
+    assert len(samples) == 2
+    first = [m["content"] for m in samples[0]["messages"]]
+    assert first[0] == "Session 1, 1:56 pm on 8 May, 2023."
+    assert first[1] == "Ana: Hi Ben! I just adopted a dog called Pepper."
+    assert first[3] == "Session 2, 10:04 am on 20 May, 2023."
+    assert first[4] == "Ana: Pepper loves the beach. [shares a photo of a dog on a beach]"
+    assert len(first) == 6
+    assert [q["category"] for q in samples[0]["qa"]] == [4, 2, 1, 3]  # category 5 (adversarial) is not scored
+    assert len(samples[1]["qa"]) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not a readable LoCoMo JSON file"),
+    ("{}", "expected a non-empty list of samples"),
+    ('[{"conversation": {}, "qa": []}]', "sample 0: conversation has no session_N lists"),
+    ('[{"conversation": {"session_1": [{"speaker": "A"}]}, "qa": []}]', r"sample 0: session_1\[0\] needs 'speaker' and 'text'"),
+    ('[{"conversation": {"session_1": []}, "qa": [{"question": "?", "category": 2}]}]', r"qa\[0\] \(category 2\) has no 'answer'"),
+])
+def test_locomo_reader_names_what_is_wrong(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"bad.json: .*{message}"):
+        evaluate.load_locomo(path)
+    with pytest.raises(ValueError, match="missing.json"):
+        evaluate.load_locomo(tmp_path / "missing.json")
+
+
+def tiny(tiny_ckpt, **cfg):
+    torch.manual_seed(0)
+    return attach(load_model(tiny_ckpt, dtype=torch.float64), DeltaMemConfig(**cfg)), load_tokenizer(tiny_ckpt)
+
+
+@pytest.mark.parametrize("write", ["tsw", "ssw"])
+def test_windowed_write_carries_the_state_across_windows(tiny_ckpt, write):
+    model, tok = tiny(tiny_ckpt, write=write)
+    messages = evaluate.load_locomo(LOCOMO)[0]["messages"]
+    parts = [tok.encode_message(m) for m in messages]
+    whole = evaluate.write_messages(model, tok, messages, 10_000, "cpu", fp32)
+    ids = torch.tensor([sum(parts, [])])  # (1, T)
+    seg = torch.tensor([[i for i, p in enumerate(parts) for _ in p]])
+    assert all(torch.equal(a, b) for a, b in zip(whole, model(ids, segment_ids=seg)[1]))
+    # a window that holds the first three messages but not the fourth: two calls, the state carried between them
+    window = sum(map(len, parts[:3])) + 1
+    assert window < sum(map(len, parts[:4]))
+    windowed = evaluate.write_messages(model, tok, messages, window, "cpu", fp32)
+    first = [torch.tensor([sum(parts[:3], [])]), torch.tensor([[i for i in range(3) for _ in parts[i]]])]
+    rest = [torch.tensor([sum(parts[3:], [])]), torch.tensor([[i for i in range(len(parts) - 3) for _ in parts[3 + i]]])]
+    state = model(first[0], segment_ids=first[1])[1]
+    state = model(rest[0], state=state, segment_ids=rest[1])[1]
+    assert all(torch.equal(a, b) for a, b in zip(windowed, state))
+
+
+def test_locomo_eval_with_a_neutral_adapter_equals_the_backbone(tiny_ckpt):
+    model, tok = tiny(tiny_ckpt, init="zero")  # zero Δ-projections: reads change nothing
+    samples = evaluate.load_locomo(LOCOMO)
+    res = evaluate.locomo_eval(model, tok, samples, recent=40, window=64, device="cpu", autocast=fp32, max_new_tokens=4)
+    assert set(res) == {"backbone", "deltamem", "shuffled_state"}
+    assert set(res["backbone"]) == {"1", "2", "3", "4", "overall", "n"} and res["backbone"]["n"] == 6
+    assert res["deltamem"] == res["backbone"] == res["shuffled_state"]
+
+
+def test_curves_points(tiny_ckpt):
+    model, tok = tiny(tiny_ckpt)
+    res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=2), 4, 0, "cpu", fp32, fillers=(0, 2))
+    assert list(res["capacity"]) == [1, 2, 3] and list(res["forgetting"]) == [0, 2]
+    assert res["forgetting"][0]["tokens_after"] == 0 < res["forgetting"][2]["tokens_after"]
+    assert all(0 <= v <= 1 for p in res["capacity"].values() for v in p.values())
+
+
+def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
+    model, tok = tiny(tiny_ckpt, write="ssw")
+    model.float()
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    adapter.parent.mkdir()
+    save_adapter(model, adapter, {"train_config": json.dumps({"attributes": 2, "facts": 2, "lr": 1.0})})
+    common = ["--ckpt", str(tiny_ckpt), "--episodes", "4", "--device", "cpu", "--dtype", "float32"]
+    evaluate.main([str(adapter), *common, "--out", str(tmp_path / "table")])
+    table = json.loads((tmp_path / "table" / "eval.json").read_text())
+    assert set(table) == {"valid", "test", "unseen"} and set(table["valid"]) == set(evaluate.CONDITIONS)
+    evaluate.main([str(adapter), *common, "--curves", "--out", str(tmp_path / "curves")])
+    curves = json.loads((tmp_path / "curves" / "curves.json").read_text())
+    assert list(curves["ssw (run)"]["capacity"]) == ["1", "2"]  # the task stored with the adapter: 2 attributes
+    assert (tmp_path / "curves" / "curves.png").is_file()
+    evaluate.main([str(adapter), *common, "--locomo", str(LOCOMO), "--out", str(tmp_path / "locomo")])
+    assert json.loads((tmp_path / "locomo" / "locomo.json").read_text())["ssw (run)"]["deltamem"]["n"] == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(SystemExit, match="bad.json: expected a non-empty list of samples"):
+        evaluate.main([str(adapter), *common, "--locomo", str(bad)])
+    with pytest.raises(SystemExit, match="nope.safetensors: not found"):
+        evaluate.main([str(tmp_path / "nope.safetensors"), *common])
