@@ -121,6 +121,19 @@ class Tokenizer:
         return [self.added["<|im_start|>"], *self.encode(text), self.added["<|im_end|>"], *self.encode("\n")]
 
 
+def chat_with_segments(tok: Tokenizer, messages: list[dict[str, str]], system: bool = True) -> tuple[list[int], list[int]]:
+    """ChatML ids of messages written into a δ-mem state, and each token's SSW segment: message i -> i, and the
+    tokenizer's default system prompt (first, if `system` and it has one) -> -1."""
+    ids, seg = [], []
+    if system and tok.system_prompt:
+        ids = tok.encode_message({"role": "system", "content": tok.system_prompt})
+        seg = [-1] * len(ids)
+    for i, m in enumerate(messages):
+        part = tok.encode_message(m)
+        ids, seg = ids + part, seg + [i] * len(part)
+    return ids, seg
+
+
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     """The Tokenizer of a checkpoint dir holding HF tokenizer.json and tokenizer_config.json."""
     path = Path(ckpt_dir) / "tokenizer.json"

@@ -26,7 +26,7 @@ from data import TaskConfig, episodes
 from deltamem import DeltaMemConfig, adapter_parameters, attach, base_model_id, load_adapter, save_adapter
 from load_hf_weights import default_checkpoint
 from model import load_model
-from tokenizer import load_tokenizer
+from tokenizer import chat_with_segments, load_tokenizer
 
 
 @dataclass
@@ -71,18 +71,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- episodes -> tensors
-
-def chat_with_segments(tok, messages) -> tuple[list[int], list[int]]:
-    """ChatML ids of a history and each token's SSW segment: the system prompt -1, message i -> i."""
-    ids, seg = [], []
-    if tok.system_prompt:
-        ids = tok.encode_message({"role": "system", "content": tok.system_prompt})
-        seg = [-1] * len(ids)
-    for i, m in enumerate(messages):
-        part = tok.encode_message(m)
-        ids, seg = ids + part, seg + [i] * len(part)
-    return ids, seg
-
 
 def value_span(tok, ep) -> tuple[list[int], int, int]:
     """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""
