@@ -190,6 +190,18 @@ def fit_context(tok, context: list[dict], user: dict, budget: int, err) -> list[
     return context
 
 
+def turn(model, tok, mem: Memory | None, context: list[dict], text: str, args, generator, out, err):
+    """One user message: reply from the visible context (oldest turns dropped if it no longer fits), then write the
+    finished turn into the state. Returns the new memory and visible context."""
+    user = {"role": "user", "content": check_text(text, "the message")}
+    context = fit_context(tok, context, user, model.config.max_position_embeddings - args.max_new_tokens, err)
+    context = context + [user, {"role": "assistant", "content": reply(model, tok, context + [user], mem, args,
+                                                                      generator, out)}]
+    if mem is not None:
+        mem, _ = write_messages(model, tok, mem, context[-2:], args.window)
+    return mem, context
+
+
 def new_memory(model) -> Memory:
     return Memory(zero_state(model), 0, datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -207,7 +219,7 @@ def load_memory(path, model) -> Memory:
 
 def save_memory(path, mem: Memory, model, args):
     save_state(path, mem.state, model, {"tokens_written": str(mem.tokens), "created": mem.created,
-                                        "adapter": str(args.adapter), "ckpt": str(args.ckpt or "default")})
+                                        "adapter": str(args.adapter), "ckpt": str(args.ckpt)})
 
 
 def command(line: str, model, mem: Memory | None, context: list, args, err) -> tuple[Memory | None, list]:
@@ -243,7 +255,6 @@ def chat(model, tok, mem: Memory | None, lines, args, generator, out=sys.stdout,
     finished turn is written into it once (write_messages), and with --state saved after every change. Errors in a
     line (bad UTF-8, an unknown command, a file that won't load) are reported and the session goes on.
     """
-    budget = model.config.max_position_embeddings - args.max_new_tokens
     context = []
     for n, raw in enumerate(lines, 1):
         try:
@@ -257,12 +268,7 @@ def chat(model, tok, mem: Memory | None, lines, args, generator, out=sys.stdout,
             if line.startswith("/"):
                 mem, context = command(line, model, mem, context, args, err)
             else:
-                user = {"role": "user", "content": line}
-                context = fit_context(tok, context, user, budget, err)
-                context += [user, {"role": "assistant", "content": reply(model, tok, context + [user], mem, args,
-                                                                         generator, out)}]
-                if mem is not None:
-                    mem = write_messages(model, tok, mem, context[-2:], args.window)[0]
+                mem, context = turn(model, tok, mem, context, line, args, generator, out, err)
             if args.state and mem is not None:
                 save_memory(args.state, mem, model, args)
         except (ValueError, OSError) as e:
@@ -287,11 +293,11 @@ def load(args):
     """Backbone (+ adapter unless --no-mem) and tokenizer."""
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    ckpt = args.ckpt or default_checkpoint()
-    model = load_model(ckpt, device=device, dtype=dtype)
+    args.ckpt = str(args.ckpt or default_checkpoint())  # recorded in saved states
+    model = load_model(args.ckpt, device=device, dtype=dtype)
     if args.adapter and not args.no_mem:
         load_adapter(model, args.adapter)
-    return model, load_tokenizer(ckpt)
+    return model, load_tokenizer(args.ckpt)
 
 
 def start_memory(model, tok, args, err) -> Memory | None:
@@ -304,10 +310,9 @@ def start_memory(model, tok, args, err) -> Memory | None:
     mem = load_memory(source, model) if source else new_memory(model)
     if args.history:
         messages = read_history(args.history)
-        window = args.window or model.config.max_position_embeddings
-        mem, n_windows = write_messages(model, tok, mem, messages, window)
-        how = f"in {n_windows} windows of at most {window} tokens, attention not spanning windows" if n_windows > 1 \
-            else "in one forward"
+        mem, n_windows = write_messages(model, tok, mem, messages, args.window)
+        how = (f"in {n_windows} windows of at most {args.window} tokens, attention not spanning windows"
+               if n_windows > 1 else "in one forward")
         print(f"(wrote {args.history} into the state: {len(messages)} message(s), {mem.tokens} tokens written in "
               f"all, {how})", file=err)
     return mem
@@ -317,18 +322,14 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tok = load(args)
-        if args.window is None:
-            args.window = model.config.max_position_embeddings
+        args.window = args.window or model.config.max_position_embeddings
         mem = start_memory(model, tok, args, sys.stderr)
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
         if args.chat:
             mem = chat(model, tok, mem, stdin_lines(), args, generator)
         elif args.prompt is not None:
-            user = {"role": "user", "content": check_text(args.prompt, "--prompt")}
-            fit_context(tok, [], user, model.config.max_position_embeddings - args.max_new_tokens, sys.stderr)
-            answer = reply(model, tok, [user], mem, args, generator, sys.stdout)
-            if mem is not None:
-                mem = write_messages(model, tok, mem, [user, {"role": "assistant", "content": answer}], args.window)[0]
+            mem, _ = turn(model, tok, mem, [], check_text(args.prompt, "--prompt"), args, generator, sys.stdout,
+                          sys.stderr)
         for path in (args.save_state, args.state):
             if path:
                 save_memory(path, mem, model, args)

@@ -110,6 +110,15 @@ def test_chat_commands(tiny_ckpt, adapter, tmp_path):
     assert fresh.tokens == 0 and all(s.abs().sum() == 0 for s in fresh.state)
 
 
+def test_visible_context_drops_its_oldest_turns_to_fit(tiny_ckpt):
+    tok = load_tokenizer(tiny_ckpt)
+    context = [{"role": role, "content": f"message {i}"} for i in range(3) for role in ("user", "assistant")]
+    user, err = {"role": "user", "content": "now"}, io.StringIO()
+    assert sample.fit_context(tok, context, user, len(tok.encode_chat(context[4:] + [user])), err) == context[4:]
+    assert "dropped the 2 oldest turn(s)" in err.getvalue()
+    with pytest.raises(ValueError, match="the message is .* tokens with the chat template, more than the 3"):
+        sample.fit_context(tok, [], user, 3, err)
+
 def test_scripted_chat_across_two_processes(tiny_ckpt, adapter, tmp_path):
     """Write (history + a turn) and save in one process; load and answer in a second; both through stdin."""
     history = tmp_path / "h.json"
