@@ -114,6 +114,7 @@ def test_wilson_intervals():
 
 def test_ctrl_c_during_training_leaves_a_loadable_checkpoint(tiny_ckpt, tmp_path):
     """A real SIGINT to a running `train.py`: it saves ckpt.pt at the step reached, and --resume can load it."""
+    import os
     import re
     import signal
     import subprocess
@@ -123,7 +124,8 @@ def test_ctrl_c_during_training_leaves_a_loadable_checkpoint(tiny_ckpt, tmp_path
     flags = ["--ckpt", cfg.ckpt, "--out", cfg.out, "--device", "cpu", "--episodes", "100000", "--batch-size", "2",
              "--micro-batch", "2", "--eval-every", "100000"]
     proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # wait until it is inside the training loop
             if line.startswith("step    2/"):
