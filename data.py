@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizer import chat_with_segments
+
 # attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
 # TaskConfig.values of each list form the training pool, the next TaskConfig.unseen_values are never trained on.
 ATTRIBUTES = {
@@ -100,16 +102,6 @@ def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- episodes -> tensors
-
-def chat_with_segments(tok, messages) -> tuple[list[int], list[int]]:
-    """ChatML ids of a history's messages (no system prompt: it would be the same writes in every episode) and each
-    token's SSW segment: message i -> i."""
-    ids, seg = [], []
-    for i, m in enumerate(messages):
-        part = tok.encode_message(m)
-        ids, seg = ids + part, seg + [i] * len(part)
-    return ids, seg
-
 
 def value_span(tok, ep) -> tuple[list[int], int, int]:
     """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""

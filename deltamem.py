@@ -8,10 +8,12 @@ a chunked form (parallel inside chunks of C tokens, a short loop across chunks) 
 Dims used throughout: B batch, T tokens, H independent states per sequence (n: 1, or 4 for MSW), r state rank
 (rows = columns = r), C chunk size, N = ceil(T / C) chunks, G = B·H independent (sequence, state) pairs.
 """
+import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -291,11 +293,18 @@ def save_adapter(model, path, metadata: dict | None = None):
 
 
 def write_safetensors(path, tensors: dict, metadata: dict):
-    """safetensors file written beside its target and renamed into place: a crash never leaves half a file."""
+    """safetensors file written beside its target, flushed to disk and renamed into place: an interrupted or failed
+    save leaves the previous file as it was (and no temporary file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_safetensors(path) -> tuple[dict, dict]:
@@ -309,21 +318,27 @@ def read_safetensors(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def config_from(meta: dict, path) -> DeltaMemConfig:
+    """The DeltaMemConfig stored in a file's metadata; missing or invalid is one error naming the file."""
+    if "deltamem_config" not in meta:
+        raise ValueError(f"{path}: not a δ-mem file (no deltamem_config in its metadata)")
+    try:
+        return DeltaMemConfig(**json.loads(meta["deltamem_config"]))
+    except (ValueError, TypeError) as e:  # bad JSON, unknown field, unknown write mode, ...
+        raise ValueError(f"{path}: deltamem_config: {e}") from None
+
+
 def load_adapter(model, path):
     """Load δ-mem weights into `model`, attaching δ-mem first if needed; any mismatch is one clear error."""
     tensors, meta = read_safetensors(path)
-    if "deltamem_config" not in meta:
-        raise ValueError(f"{path}: not a δ-mem adapter (no deltamem_config in its metadata)")
-    cfg = DeltaMemConfig(**json.loads(meta["deltamem_config"]))
+    cfg = config_from(meta, path)
     attached = getattr(model, "delta_mem_config", None)
-    if attached is None:
-        attach(model, cfg)
-    elif architecture(attached) != architecture(cfg):
-        raise ValueError(f"{path}: adapter has {architecture(cfg)}, the attached δ-mem has {architecture(attached)}")
     if "base_model" in meta and meta["base_model"] != base_model_id(model):
         raise ValueError(f"{path}: adapter made for {describe(meta['base_model'])}, but the model is "
                          f"{describe(base_model_id(model))}")
-    params = adapter_parameters(model)
+    if attached is not None and architecture(attached) != architecture(cfg):
+        raise ValueError(f"{path}: adapter has {architecture(cfg)}, the attached δ-mem has {architecture(attached)}")
+    params = adapter_parameters(attach(model, cfg) if attached is None else model)
     check_state_dict({k: tuple(p.shape) for k, p in params.items()}, tensors, str(path))
     with torch.no_grad():
         for k, p in params.items():
@@ -331,24 +346,58 @@ def load_adapter(model, path):
     return model
 
 
+def adapter_hash(model) -> str:
+    """sha256 over the attached adapter's tensors (name, dtype, shape and bytes of each, in name order)."""
+    h = hashlib.sha256()
+    for name, p in sorted(adapter_parameters(model).items()):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def zero_state(model, batch_size: int = 1) -> list:
+    """An empty state, one (B, n, r, r) zero tensor per layer: what a forward with state=None starts from."""
+    cfg, mem = model.delta_mem_config, model.model.layers[0].self_attn.delta_mem
+    return [mem.beta_bias.new_zeros(batch_size, cfg.num_states, cfg.rank, cfg.rank) for _ in model.model.layers]
+
+
 def save_state(path, state: list, model, metadata: dict | None = None):
-    """The δ-mem state (one (B, n, r, r) tensor per layer) as safetensors, with what it was written by."""
+    """The δ-mem state (one (B, n, r, r) tensor per layer) as safetensors, atomically, with what wrote it: the
+    backbone (base_model), the δ-mem config and its write mode, the adapter's sha256, and when (created: now unless
+    `metadata` says otherwise; saved: now). `metadata` adds or overrides string fields, e.g. tokens_written."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = {"base_model": base_model_id(model), "deltamem_config": json.dumps(asdict(model.delta_mem_config)),
-            **(metadata or {})}
+            "write": model.delta_mem_config.write, "adapter_sha256": adapter_hash(model), "created": now,
+            **(metadata or {}), "saved": now}
     write_safetensors(path, {f"layers.{i}": s for i, s in enumerate(state)}, meta)
 
 
 def load_state(path, model) -> tuple[list, dict]:
-    """A state saved by save_state, checked against `model` (backbone and δ-mem config); returns (state, metadata)."""
+    """A state saved by save_state, checked against `model` (backbone, δ-mem config, adapter hash, one finite
+    (B, n, r, r) tensor per layer); returns (state, metadata). Any mismatch is one error naming the file."""
     tensors, meta = read_safetensors(path)
     if meta.get("base_model") != base_model_id(model):
         raise ValueError(f"{path}: state made with {describe(meta.get('base_model'))}, but the model is "
                          f"{describe(base_model_id(model))}")
-    made_with = architecture(DeltaMemConfig(**json.loads(meta.get("deltamem_config", "{}"))))
-    if made_with != architecture(model.delta_mem_config):
-        raise ValueError(f"{path}: state made with δ-mem {made_with}, but the model has {architecture(model.delta_mem_config)}")
+    cfg = model.delta_mem_config
+    made_with = architecture(config_from(meta, path))
+    if made_with != architecture(cfg):
+        raise ValueError(f"{path}: state made with δ-mem {made_with}, but the model has {architecture(cfg)}")
+    theirs, ours = meta.get("adapter_sha256", "unknown"), adapter_hash(model)
+    if theirs != ours:
+        made_by = meta.get("adapter", "file not recorded")
+        raise ValueError(f"{path}: state written through adapter sha256:{theirs[:12]} ({made_by}), but the loaded "
+                         f"adapter is sha256:{ours[:12]}")
     L = len(model.model.layers)
     if set(tensors) != {f"layers.{i}" for i in range(L)}:
         raise ValueError(f"{path}: expected one state per layer, layers.0 … layers.{L - 1}")
+    B = tensors["layers.0"].shape[0] if tensors["layers.0"].dim() == 4 else -1
+    for key, t in tensors.items():
+        if tuple(t.shape) != (B, cfg.num_states, cfg.rank, cfg.rank) or not t.is_floating_point():
+            raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected a float (B, {cfg.num_states}, "
+                             f"{cfg.rank}, {cfg.rank}) with the same B in every layer")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: {key} holds NaN or infinite values")
     device = model.lm_head.weight.device
     return [tensors[f"layers.{i}"].to(device) for i in range(L)], meta

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import TaskConfig, chat_with_segments, episodes, make_batch, pad, value_span, write_pass
+import sample
+from data import TaskConfig, episodes, make_batch, pad, value_span, write_pass
 from deltamem import load_adapter, read_safetensors
 from load_hf_weights import default_checkpoint
 from model import load_model
-from tokenizer import load_tokenizer
+from tokenizer import chat_with_segments, load_tokenizer
 
 
 def precision(device: torch.device, bf16: bool) -> ExitStack:
@@ -258,22 +259,6 @@ def token_f1(prediction: str, answer) -> float:
     return 2 * precision_ * recall / (precision_ + recall)
 
 
-@torch.no_grad()
-def write_messages(model, tok, messages: list[dict], window: int, device, autocast):
-    """Write a conversation into a fresh state, whole messages at a time in windows of at most `window` tokens,
-    carrying the state (not the KV cache) across windows: attention never spans two windows."""
-    state, ids, seg = None, [], []
-    for m in messages + [None]:
-        part = tok.encode_message(m)[:window] if m else []  # a message longer than a window is cut
-        if ids and (m is None or len(ids) + len(part) > window):
-            with autocast():
-                _, state = model(torch.tensor([ids], device=device), state=state, logits=False,
-                                 segment_ids=torch.tensor([seg], device=device))  # (1, T) each
-            ids, seg = [], []
-        ids, seg = ids + part, seg + [seg[-1] + 1 if seg else 0] * len(part)  # SSW: one segment per message
-    return state
-
-
 def recent_messages(tok, messages: list[dict], budget: int) -> list[dict]:
     """The most recent whole messages that fit in `budget` tokens."""
     kept, used = [], 0
@@ -290,7 +275,10 @@ def locomo_eval(model, tok, samples: list[dict], recent: int, window: int, devic
                 max_new_tokens=24) -> dict:
     """Mean token F1 per category (1–4) and overall for: the backbone with only the `recent` most recent tokens in
     context, the same with the conversation's δ-mem state, and with another conversation's state (control)."""
-    states = [write_messages(model, tok, s["messages"], window, device, autocast) for s in samples]
+    states = []
+    for s in samples:  # written exactly as sample.py writes a --history, in windows of `window` tokens
+        with autocast():
+            states.append(sample.write_messages(model, tok, sample.new_memory(model), s["messages"], window)[0].state)
     names = ("backbone", "deltamem", "shuffled_state")
     scores = {name: {} for name in names}
     for i, s in enumerate(samples):

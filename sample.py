@@ -1,57 +1,342 @@
-"""Chat with a converted checkpoint: one prompt in, the answer streamed out.
+"""Chat with a converted checkpoint, optionally with a δ-mem state that keeps what was said (deltamem.py).
 
     python sample.py --prompt "What is the capital of France?"
     python sample.py --ckpt checkpoints/qwen3-4b --prompt "Hi" --temperature 0.7 --top-p 0.9
+    python sample.py --adapter runs/tsw/adapter.safetensors --history facts.json --save-state me.safetensors
+    python sample.py --adapter runs/tsw/adapter.safetensors --load-state me.safetensors --prompt "What is my ...?"
+    python sample.py --adapter runs/tsw/adapter.safetensors --chat --state me.safetensors
 
 Without --ckpt it uses the embedded SmolLM2-135M-Instruct default (converted on first use, see load_hf_weights.py).
+
+How text gets into the state: messages are written the way train.py's write pass writes a history
+(tokenizer.chat_with_segments: their ChatML ids, one SSW segment per message, no system prompt), in forwards of their
+own: no KV cache, positions from 0. More than --window tokens are
+cut into windows at message boundaries (inside a message only when it alone is longer than a window) and written one
+after another with the state carried; the backbone's attention does not span windows, so a windowed write is not
+identical to one long write. A reply is generated with writes off, reading the state as it was before the turn;
+then the finished turn (the user message and the reply) is written, once.
 """
 import argparse
 import codecs
+import json
 import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
+from deltamem import load_adapter, load_state, save_state, zero_state
 from load_hf_weights import default_checkpoint
 from model import load_model
-from tokenizer import load_tokenizer
+from tokenizer import chat_with_segments, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROLES = ("system", "user", "assistant")
+COMMANDS = {
+    "/save": "/save [FILE]: save the state (default: the --state file)",
+    "/load": "/load [FILE]: replace the state with a saved one (default: the --state file)",
+    "/reset": "/reset: empty the state (the visible context stays)",
+    "/forget-context": "/forget-context: drop the visible context (the state stays)",
+}
+
+
+@dataclass
+class Memory:
+    """One conversation's δ-mem state, with what the state file's metadata records about it."""
+    state: list  # one (1, n, r, r) tensor per layer
+    tokens: int  # tokens written into it so far
+    created: str  # when it was started (UTC, ISO 8601)
 
 
 def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Stream a chat answer from a deltamem checkpoint.")
-    p.add_argument("--prompt", required=True, help="the user message")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Stream chat answers from a deltamem checkpoint, with or without a "
+                                            "δ-mem state.", epilog="chat commands: " + "; ".join(COMMANDS.values()))
+    p.add_argument("--prompt", help="the user message (one turn); leave out with --chat, or to only write --history")
     p.add_argument("--ckpt", help="converted checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding probability p")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    m = p.add_argument_group("δ-mem memory")
+    m.add_argument("--adapter", help="δ-mem adapter file (train.py's adapter.safetensors); without it, no state")
+    m.add_argument("--no-mem", action="store_true", help="answer with the frozen backbone alone (no adapter, no "
+                                                         "state), for a side-by-side comparison")
+    m.add_argument("--history", help="written into the state before the prompt, never into the prompt: a .json "
+                                     "file holding a list of {\"role\", \"content\"} messages, or any other file as "
+                                     "plain text (one user message)")
+    m.add_argument("--window", type=int, default=None, help="write at most this many tokens per forward (default: "
+                                                            "the model's max_position_embeddings)")
+    m.add_argument("--load-state", metavar="FILE", help="start from a state saved with --save-state")
+    m.add_argument("--save-state", metavar="FILE", help="save the state at the end (safetensors with metadata)")
+    m.add_argument("--state", metavar="FILE", help="persistent memory: load FILE if it exists, save it after every "
+                                                   "turn and command")
+    m.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line (a terminal or "
+                                                       "a script), every turn written to the state; see the commands")
     args = p.parse_args(argv)
+    stateful = [f"--{k.replace('_', '-')}" for k in ("history", "load_state", "save_state", "state") if getattr(args, k)]
+    if args.no_mem and set(stateful) - {"--history"}:
+        p.error(f"--no-mem has no state: leave out {', '.join(s for s in stateful if s != '--history')}")
+    if stateful and not args.adapter and not args.no_mem:
+        p.error(f"{stateful[0]} needs --adapter (the δ-mem weights that write and read the state)")
+    if args.state and (args.load_state or args.save_state):
+        p.error("--state already loads and saves; leave out --load-state / --save-state")
+    if args.chat and args.prompt is not None:
+        p.error("--prompt is one turn, --chat reads its turns from stdin: give one of them")
+    if not (args.prompt is not None or args.chat or args.save_state or args.state):
+        p.error("nothing to do: give --prompt, --chat, or --history with --save-state")
+    if args.max_new_tokens < 1 or (args.window is not None and args.window < 1):
+        p.error("--max-new-tokens and --window must be at least 1")
+    return args
 
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+
+def check_text(text: str, where: str) -> str:
+    """Text must be valid Unicode (a non-UTF-8 command-line argument arrives with lone surrogates in it)."""
     try:
-        ckpt = args.ckpt or default_checkpoint()
-        model = load_model(ckpt, device=device, dtype=dtype)
-        tok = load_tokenizer(ckpt)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    generator = torch.Generator(device).manual_seed(args.seed)
-    idx = torch.tensor([tok.encode_chat([{"role": "user", "content": args.prompt}])], device=device)  # (1, T)
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at character {e.start})") from None
+    return text
+
+
+def read_history(path) -> list[dict]:
+    """--history: a .json file holding a list of chat messages, or any other file as plain text (one user message)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")  # a missing file is an OSError naming it
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() != ".json":
+        messages = [{"role": "user", "content": text}] if text.strip() else []
+    else:
+        try:
+            messages = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(messages, list):
+            raise ValueError(f"{path}: expected a JSON list of chat messages, got {type(messages).__name__}")
+        for i, msg in enumerate(messages):
+            if not (isinstance(msg, dict) and set(msg) == {"role", "content"} and msg["role"] in ROLES
+                    and isinstance(msg["content"], str)):
+                raise ValueError(f'{path}: message {i}: expected {{"role": one of {", ".join(ROLES)}, "content": '
+                                 f'a string}}, got {json.dumps(msg)[:80]}')
+            check_text(msg["content"], f"{path}: message {i}")
+    if not messages:
+        raise ValueError(f"{path}: the history is empty")
+    return messages
+
+
+def windows(seg: list[int], size: int) -> list[tuple[int, int]]:
+    """[start, end) spans of at most `size` tokens covering a write; each ends where a message starts if one does
+    inside it. seg: the tokens' segment ids (one per message)."""
+    spans, start = [], 0
+    while start < len(seg):
+        end = min(start + size, len(seg))
+        if end < len(seg):
+            end = max((i for i in range(start + 1, end + 1) if seg[i] != seg[i - 1]), default=end)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+@torch.no_grad()
+def write_messages(model, tok, mem: Memory, messages: list[dict], window: int) -> tuple[Memory, int]:
+    """Write chat messages into the state (see the module docstring); returns it and the number of windows used."""
+    ids, seg = chat_with_segments(tok, messages)
+    state, device = mem.state, mem.state[0].device
+    spans = windows(seg, window)
+    for start, end in spans:
+        idx = torch.tensor([ids[start:end]], device=device)  # (1, T)
+        _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device))
+    return Memory(state, mem.tokens + len(ids), mem.created), len(spans)
+
+
+@torch.no_grad()
+def reply(model, tok, messages: list[dict], mem: Memory | None, args, generator, out) -> str:
+    """Stream the assistant's reply to `messages` to `out` and return it. Writes are off: every token reads the
+    state from before the turn, and nothing the reply processes is written (the caller writes the finished turn)."""
+    idx = torch.tensor([tok.encode_chat(messages)], device=model.lm_head.weight.device)  # (1, T)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span several tokens
+    ids = []
     for tok_id, _ in model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                 stop_ids=tok.stop_ids, generator=generator):
+                                    stop_ids=tok.stop_ids, generator=generator, state=mem and mem.state, write=False):
         if tok_id.item() in tok.stop_ids:
             break
-        print(utf8.decode(tok.decode_bytes([tok_id.item()])), end="", flush=True)
-    print(utf8.decode(b"", final=True))
+        ids.append(tok_id.item())
+        print(utf8.decode(tok.decode_bytes(ids[-1:])), end="", flush=True, file=out)
+    print(utf8.decode(b"", final=True), file=out, flush=True)
+    return tok.decode(ids)
+
+
+def fit_context(tok, context: list[dict], user: dict, budget: int, err) -> list[dict]:
+    """The visible context, its oldest turns dropped until it and the new message fit `budget` tokens."""
+    dropped = 0
+    while context and len(tok.encode_chat(context + [user])) > budget:
+        context, dropped = context[2:], dropped + 1
+    if dropped:
+        print(f"(dropped the {dropped} oldest turn(s) from the visible context to fit the model's context; "
+              f"the state keeps them)", file=err)
+    if (n := len(tok.encode_chat([user]))) > budget:
+        raise ValueError(f"the message is {n} tokens with the chat template, more than the {budget} that fit "
+                         f"beside --max-new-tokens in the model's context")
+    return context
+
+
+def turn(model, tok, mem: Memory | None, context: list[dict], text: str, args, generator, out, err):
+    """One user message: reply from the visible context (oldest turns dropped if it no longer fits), then write the
+    finished turn into the state. Returns the new memory and visible context."""
+    user = {"role": "user", "content": check_text(text, "the message")}
+    context = fit_context(tok, context, user, model.config.max_position_embeddings - args.max_new_tokens, err)
+    context = context + [user, {"role": "assistant", "content": reply(model, tok, context + [user], mem, args,
+                                                                      generator, out)}]
+    if mem is not None:
+        mem, _ = write_messages(model, tok, mem, context[-2:], args.window)
+    return mem, context
+
+
+def new_memory(model) -> Memory:
+    return Memory(zero_state(model), 0, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def load_memory(path, model) -> Memory:
+    state, meta = load_state(path, model)
+    if state[0].shape[0] != 1:
+        raise ValueError(f"{path}: holds a batch of {state[0].shape[0]} states; sample.py uses one")
+    try:
+        tokens = int(meta.get("tokens_written", "0"))
+    except ValueError:
+        raise ValueError(f"{path}: tokens_written {meta['tokens_written']!r} is not a number") from None
+    return Memory(state, tokens, meta.get("created", ""))
+
+
+def save_memory(path, mem: Memory, model, args):
+    save_state(path, mem.state, model, {"tokens_written": str(mem.tokens), "created": mem.created,
+                                        "adapter": str(args.adapter), "ckpt": str(args.ckpt)})
+
+
+def command(line: str, model, mem: Memory | None, context: list, args, err) -> tuple[Memory | None, list]:
+    """Run one chat command; returns the (possibly new) memory and visible context."""
+    name, _, path = line.partition(" ")
+    path = path.strip() or args.state
+    if name not in COMMANDS:
+        raise ValueError(f"{name}: unknown command (commands: {', '.join(COMMANDS)})")
+    if name == "/forget-context":
+        print(f"(visible context dropped: {len(context) // 2} turn(s); the state is kept)", file=err)
+        return mem, []
+    if mem is None:
+        raise ValueError(f"{name}: there is no state without --adapter")
+    if name == "/reset":
+        print("(state emptied)", file=err)
+        return new_memory(model), context
+    if not path:
+        raise ValueError(f"{name}: give a file (or start with --state FILE)")
+    if name == "/save":
+        save_memory(path, mem, model, args)
+        print(f"(saved the state to {path}: {mem.tokens} tokens written)", file=err)
+        return mem, context
+    mem = load_memory(path, model)
+    print(f"(loaded {path}: {mem.tokens} tokens written since {mem.created})", file=err)
+    return mem, context
+
+
+def chat(model, tok, mem: Memory | None, lines, args, generator, out=sys.stdout, err=sys.stderr) -> Memory | None:
+    """One user message per line of `lines` (bytes); a line starting with "/" is a command (COMMANDS).
+
+    The visible context is a list of messages, encoded again for every turn: generate() builds its KV cache from it
+    (so there is no cache to keep between turns), and /forget-context empties it. The state is separate: each
+    finished turn is written into it once (write_messages), and with --state saved after every change. Errors in a
+    line (bad UTF-8, an unknown command, a file that won't load) are reported and the session goes on.
+    """
+    context = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            print(f"error: stdin line {n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped", file=err)
+            continue
+        if not line:
+            continue
+        try:
+            if line.startswith("/"):
+                mem, context = command(line, model, mem, context, args, err)
+            else:
+                mem, context = turn(model, tok, mem, context, line, args, generator, out, err)
+            if args.state and mem is not None:
+                save_memory(args.state, mem, model, args)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=err)
+    return mem
+
+
+def stdin_lines():
+    """Lines of stdin as bytes; on a terminal, with a short help first and a prompt before each line."""
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"one message per line; {'; '.join(COMMANDS.values())}; Ctrl-D ends", file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", flush=True, file=sys.stderr)
+        if not (line := sys.stdin.buffer.readline()):
+            return
+        yield line
+
+
+def load(args):
+    """Backbone (+ adapter unless --no-mem) and tokenizer."""
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    args.ckpt = str(args.ckpt or default_checkpoint())  # recorded in saved states
+    model = load_model(args.ckpt, device=device, dtype=dtype)
+    if args.adapter and not args.no_mem:
+        load_adapter(model, args.adapter)
+    return model, load_tokenizer(args.ckpt)
+
+
+def start_memory(model, tok, args, err) -> Memory | None:
+    """The state to start from: --load-state, an existing --state file, or empty; then --history written into it."""
+    if not args.adapter or args.no_mem:
+        if args.no_mem and (args.adapter or args.history):
+            print("(--no-mem: the frozen backbone answers; --adapter and --history are not used)", file=err)
+        return None
+    source = args.load_state or (args.state if args.state and Path(args.state).exists() else None)
+    mem = load_memory(source, model) if source else new_memory(model)
+    if args.history:
+        messages = read_history(args.history)
+        mem, n_windows = write_messages(model, tok, mem, messages, args.window)
+        how = (f"in {n_windows} windows of at most {args.window} tokens, attention not spanning windows"
+               if n_windows > 1 else "in one forward")
+        print(f"(wrote {args.history} into the state: {len(messages)} message(s), {mem.tokens} tokens written in "
+              f"all, {how})", file=err)
+    return mem
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, tok = load(args)
+        args.window = args.window or model.config.max_position_embeddings
+        mem = start_memory(model, tok, args, sys.stderr)
+        generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
+        if args.chat:
+            mem = chat(model, tok, mem, stdin_lines(), args, generator)
+        elif args.prompt is not None:
+            mem, _ = turn(model, tok, mem, [], check_text(args.prompt, "--prompt"), args, generator, sys.stdout,
+                          sys.stderr)
+        for path in (args.save_state, args.state):
+            if path:
+                save_memory(path, mem, model, args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted" + (f"; {args.state} holds the state as of the last finished turn" if args.state else ""))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""evaluate.py: intervals, F1, the LoCoMo reader, windowed writing, curves and the CLI, on a tiny random model."""
+"""evaluate.py: intervals, F1, the LoCoMo reader, curves and the CLI, on a tiny random model (LoCoMo conversations
+are written by sample.write_messages, whose windowing tests/test_sample.py checks)."""
 import json
 from pathlib import Path
 
@@ -64,26 +65,6 @@ def test_locomo_reader_names_what_is_wrong(tmp_path, content, message):
 def tiny(tiny_ckpt, **cfg):
     torch.manual_seed(0)
     return attach(load_model(tiny_ckpt, dtype=torch.float64), DeltaMemConfig(**cfg)), load_tokenizer(tiny_ckpt)
-
-
-@pytest.mark.parametrize("write", ["tsw", "ssw"])
-def test_windowed_write_carries_the_state_across_windows(tiny_ckpt, write):
-    model, tok = tiny(tiny_ckpt, write=write)
-    messages = evaluate.load_locomo(LOCOMO)[0]["messages"]
-    parts = [tok.encode_message(m) for m in messages]
-    whole = evaluate.write_messages(model, tok, messages, 10_000, "cpu", fp32)
-    ids = torch.tensor([sum(parts, [])])  # (1, T)
-    seg = torch.tensor([[i for i, p in enumerate(parts) for _ in p]])
-    assert all(torch.equal(a, b) for a, b in zip(whole, model(ids, segment_ids=seg)[1]))
-    # a window that holds the first three messages but not the fourth: two calls, the state carried between them
-    window = sum(map(len, parts[:3])) + 1
-    assert window < sum(map(len, parts[:4]))
-    windowed = evaluate.write_messages(model, tok, messages, window, "cpu", fp32)
-    first = [torch.tensor([sum(parts[:3], [])]), torch.tensor([[i for i in range(3) for _ in parts[i]]])]
-    rest = [torch.tensor([sum(parts[3:], [])]), torch.tensor([[i for i in range(len(parts) - 3) for _ in parts[3 + i]]])]
-    state = model(first[0], segment_ids=first[1])[1]
-    state = model(rest[0], state=state, segment_ids=rest[1])[1]
-    assert all(torch.equal(a, b) for a, b in zip(windowed, state))
 
 
 def test_locomo_eval_with_a_neutral_adapter_equals_the_backbone(tiny_ckpt):

@@ -1,5 +1,11 @@
 """train.py and data.py on a tiny random Llama with a tiny SmolLM2-style tokenizer (seconds on a CPU)."""
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +113,54 @@ def test_every_flag_has_help(capsys):
         train.parse_args(["-h"])
     assert e.value.code == 0
     assert set(train.field_help()) == {f.name for f in train.fields(train.TrainConfig)}  # no field left undocumented
+
+
+def test_ctrl_c_during_training_leaves_a_loadable_checkpoint(tiny_ckpt, tmp_path):
+    """A real SIGINT to a running `train.py`: it saves ckpt.pt at the step reached, and --resume can load it."""
+    cfg = config(tiny_ckpt, tmp_path)
+    flags = ["--ckpt", cfg.ckpt, "--out", cfg.out, "--device", "cpu", "--episodes", "100000", "--batch-size", "2",
+             "--micro-batch", "2", "--eval-every", "100000"]
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until it is inside the training loop
+            if line.startswith("step    2/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    saved = re.search(r"interrupted at step (\d+); saved .*ckpt\.pt", err)
+    assert proc.returncode == 1 and saved, err
+    step = int(saved[1])
+    assert step >= 2
+    model, tok, device, autocast = train.setup(cfg)
+    opt = torch.optim.AdamW(train.adapter_parameters(model).values(), lr=cfg.lr)
+    resumed, log = train.load_checkpoint(tmp_path / "run" / "ckpt.pt", model, opt)
+    assert resumed == step and len(log) == step and opt.state  # the optimizer moments came back too
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_ckpt, tmp_path, monkeypatch):
+    cfg = config(tiny_ckpt, tmp_path)
+    model, tok, device, autocast = train.setup(cfg)
+    opt = torch.optim.AdamW(train.adapter_parameters(model).values(), lr=cfg.lr)
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, model, opt, cfg, 3, [])
+
+    def interrupted(obj, f):  # half a file, then Ctrl-C
+        open(f, "wb").write(b"\x00" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, model, opt, cfg, 4, [])
+    monkeypatch.undo()
+    assert train.load_checkpoint(path, model, opt)[0] == 3
+
+
+def test_unknown_write_mode_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--write", "xyz"])
+    err = capsys.readouterr().err
+    assert "argument --write: invalid choice: 'xyz'" in err and "tsw" in err and "msw" in err
