@@ -139,10 +139,13 @@ def plot_curve(log: list[dict], path: Path):
 def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, log: list):
     """Adapter + optimizer + configs + step + backbone identity, written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(dict(adapter={k: p.detach() for k, p in adapter_parameters(model).items()},
-                    optimizer=opt.state_dict(), train_config=asdict(cfg), step=step, log=log,
-                    base_model=base_model_id(model)), tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(dict(adapter={k: p.detach() for k, p in adapter_parameters(model).items()},
+                        optimizer=opt.state_dict(), train_config=asdict(cfg), step=step, log=log,
+                        base_model=base_model_id(model)), tmp)
+        os.replace(tmp, path)
+    finally:  # an interrupted save leaves the previous checkpoint and no half-written file
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, model, opt) -> tuple[int, list]:

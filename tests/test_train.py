@@ -157,6 +157,7 @@ def test_interrupted_checkpoint_save_keeps_the_previous_one(tiny_ckpt, tmp_path,
         train.save_checkpoint(path, model, opt, cfg, 4, [])
     monkeypatch.undo()
     assert train.load_checkpoint(path, model, opt)[0] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # the half-written file is gone
 
 
 def test_unknown_write_mode_is_a_one_line_usage_error(capsys):
