@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data import episodes
+from data import episodes, make_batch
 from deltamem import DeltaMemConfig, attach, delta_rule_chunked, delta_rule_loop
 from load_hf_weights import default_checkpoint
 from model import KVCache, load_model
@@ -231,7 +231,7 @@ def bench_train(args):
     import train
     cfg = train.TrainConfig(ckpt=args.ckpt, device="cpu")
     model, tok, device, autocast = train.setup(cfg)
-    batch = train.make_batch(tok, episodes(cfg.task(), "train", cfg.batch_size, seed=0), device)
+    batch = make_batch(tok, episodes(cfg.task(), "train", cfg.batch_size, seed=0), device)
     n_tokens = int(batch["write_real"].sum() + batch["read_real"].sum())
 
     def step():
