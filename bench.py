@@ -9,8 +9,8 @@ Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table
   prefill     δ-mem (TSW, writing every token) vs the frozen backbone: prefill time, fp32 and bf16 autocast.
   decode      the same, per-token latency of decoding after a prompt (the state read and written every token).
   memory      bytes of the δ-mem state vs the KV cache holding the same history (computed, not timed).
-  train       tokens/s of train.py's default episode batch (write + read pass, backward) with the chunked scan vs
-              the loop, and the process's peak RSS.
+  train       tokens/s of train.py's default episode batch (write + read pass, backward): bf16 with the chunked
+              scan vs the loop, bf16 vs fp32, and the process's peak RSS.
   compile     torch.compile on the δ-mem model vs eager prefill (not in the default sections: compiling is slow).
 
 Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
@@ -226,34 +226,38 @@ def bench_memory(args):
 
 
 def bench_train(args):
-    """Training throughput of train.py's default episode shape, with the chunked scan vs the per-token loop."""
+    """Training throughput of train.py's default episode shape: bf16 (the default) with the chunked scan vs the
+    per-token loop, and bf16 vs fp32 (both chunked)."""
     import deltamem
     import train
-    cfg = train.TrainConfig(ckpt=args.ckpt, device="cpu")
-    model, tok, device, autocast = train.setup(cfg)
-    batch = make_batch(tok, episodes(cfg.task(), "train", cfg.batch_size, seed=0), device)
+    cfg = {dtype: train.TrainConfig(ckpt=args.ckpt, device="cpu", dtype=dtype) for dtype in ("bfloat16", "float32")}
+    setups = {dtype: train.setup(c) for dtype, c in cfg.items()}  # dtype -> (model, tok, device, autocast)
+    model, tok, device, _ = setups["bfloat16"]
+    batch = make_batch(tok, episodes(cfg["bfloat16"].task(), "train", cfg["bfloat16"].batch_size, seed=0), device)
     n_tokens = int(batch["write_real"].sum() + batch["read_real"].sum())
 
-    def step():
-        ce, beta_term, n, _, _ = train.episode_loss(model, batch, cfg)
-        (ce / n + beta_term).backward()
+    def step(dtype, scan):
+        model, _, _, autocast = setups[dtype]
+        chunked, deltamem.delta_rule_chunked = deltamem.delta_rule_chunked, scan
+        try:
+            with autocast():
+                ce, beta_term, n, _, _ = train.episode_loss(model, batch, cfg[dtype])
+            (ce / n + beta_term).backward()
+        finally:
+            deltamem.delta_rule_chunked = chunked
         model.zero_grad(set_to_none=True)
 
-    def with_scan(scan):
-        def call():
-            chunked, deltamem.delta_rule_chunked = deltamem.delta_rule_chunked, scan
-            try:
-                step()
-            finally:
-                deltamem.delta_rule_chunked = chunked
-        return call
-
-    times = time_alternating({"chunked": with_scan(deltamem.delta_rule_chunked),
-                              "loop": with_scan(deltamem.delta_rule_loop)}, args.reps, args.budget)
-    c, lp = (statistics.median(times[s]) for s in ("chunked", "loop"))
-    row = dict(section="train", episodes=cfg.batch_size, tokens=n_tokens, chunked_tok_s=round(n_tokens / c),
-               loop_tok_s=round(n_tokens / lp), speedup=round(lp / c, 2),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), rounds=len(times["loop"]))
+    sides = {"bf16": lambda: step("bfloat16", deltamem.delta_rule_chunked),
+             "bf16_loop": lambda: step("bfloat16", deltamem.delta_rule_loop),
+             "fp32": lambda: step("float32", deltamem.delta_rule_chunked)}
+    raw = time_alternating(sides, args.reps, args.budget)
+    times = {k: statistics.median(v) for k, v in raw.items()}
+    row = dict(section="train", episodes=cfg["bfloat16"].batch_size, tokens=n_tokens,
+               bf16_tok_s=round(n_tokens / times["bf16"]), bf16_loop_tok_s=round(n_tokens / times["bf16_loop"]),
+               fp32_tok_s=round(n_tokens / times["fp32"]), speedup=round(times["bf16_loop"] / times["bf16"], 2),
+               bf16_over_fp32=round(times["fp32"] / times["bf16"], 2),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               rounds=len(raw["bf16"]))
     print_row(row)
     return [row]
 
