@@ -149,6 +149,7 @@ class KVCache:
 class MemoryIO:
     """What one forward call asks of every layer's δ-mem module (deltamem.DeltaMem)."""
     real: torch.Tensor  # (B, T) bool: real tokens read and write; padding does neither
+    padded: bool  # False: every token is real, so the scan needs no mask
     write: bool  # False: read only, the state is returned unchanged
     segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
 
@@ -259,7 +260,7 @@ class Transformer(nn.Module):
         if pad_mask is not None or (cache is not None and (cache.padded or (start > 0 and T > 1))):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
-        io = MemoryIO(real, write, segment_ids)
+        io = MemoryIO(real, pad_mask is not None, write, segment_ids)
         new_state = []
         for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
             x, layer_state = block(x, cos, sin, mask, cache, layer_state, io)
