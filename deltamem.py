@@ -206,8 +206,9 @@ class DeltaMem(nn.Module):
         return q, k, z[..., 2, :, :], z[..., 3, :, :] + self.beta_bias.view(n, r)
 
     def forward(self, x, state, io):
-        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). A writing call also keeps its
-        gates, for `beta_mean`."""
+        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). The corrections come in the
+        adapter's dtype (bf16 under autocast): the caller casts them to that of the outputs they are added to.
+        A writing call also keeps its gates, for `beta_mean`."""
         B, T, _ = x.shape
         n, r = self.cfg.num_states, self.cfg.rank
         xm = x.to(self.beta_bias.dtype)
@@ -230,7 +231,7 @@ class DeltaMem(nn.Module):
             if io.write:
                 state = self.write_segments(xm, state, io)
         read = reads.flatten(-2) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
-        return {h: F.linear(read, getattr(self, f"delta_{h}_proj").weight).to(x.dtype) for h in self.cfg.heads}, state
+        return {h: F.linear(read, getattr(self, f"delta_{h}_proj").weight) for h in self.cfg.heads}, state
 
     @property
     def beta_mean(self) -> Tensor:

@@ -176,7 +176,7 @@ class Attention(nn.Module):
         if self.delta_mem is not None:
             delta, state = self.delta_mem(x, state, io)  # corrections read from the state, each (B, T, out)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
-        q, k, v = (t + delta[h] if h in delta else t for h, t in zip("qkv", (q, k, v)))
+        q, k, v = (t + delta[h].to(t.dtype) if h in delta else t for h, t in zip("qkv", (q, k, v)))
         q = q.view(B, T, -1, hd)  # (B, T, nh, hd)
         k = k.view(B, T, -1, hd)  # (B, T, nkv, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -191,7 +191,7 @@ class Attention(nn.Module):
                                            enable_gqa=True)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         y = self.o_proj(y)  # (B, T, d)
-        return (y + delta["o"] if "o" in delta else y), state
+        return (y + delta["o"].to(y.dtype) if "o" in delta else y), state
 
 
 class MLP(nn.Module):
