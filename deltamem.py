@@ -2,8 +2,9 @@
 
 Every attention layer keeps n tiny r×r states per sequence. Each token first reads its state (the read becomes a
 low-rank correction of the attention query and output), then writes to it with a per-row gated delta rule. This
-file holds the delta-rule scan in two equivalent forms: a per-token loop (the reference, and the decode path) and
-a chunked form (parallel inside chunks of C tokens, a short loop across chunks) for training and prefill.
+file holds the delta-rule scan in two equivalent forms: a per-token loop (the reference; its single step is also the
+decode path) and a chunked form (parallel inside chunks of C tokens, a short loop across chunks) for training and
+prefill.
 
 Dims used throughout: B batch, T tokens, H independent states per sequence (n: 1, or 4 for MSW), r state rank
 (rows = columns = r), C chunk size, N = ceil(T / C) chunks, G = B·H independent (sequence, state) pairs.
@@ -32,33 +33,43 @@ from model import check_state_dict
 # β = sigmoid(beta_logit) and λ = sigmoid(−beta_logit), which is 1 − β computed without cancellation.
 
 
+def delta_rule_step(q, k, v, beta_logit, S) -> tuple[Tensor, Tensor]:
+    """The recurrence for one token: read_t = S_{t−1} q_t, then the write. The body of delta_rule_loop, and the
+    whole scan when decoding a generated token (T = 1, nothing to mask).
+
+    q, k, v, beta_logit: (..., H, r); S: (..., H, r, r), with the same leading dims ((B,) in the loop), all in the
+    compute dtype (fp32 or fp64). Element-wise products and sums rather than matmuls, so bf16 autocast leaves them
+    alone. Returns the read (..., H, r) and the new state (..., H, r, r).
+    """
+    read = (S * q.unsqueeze(-2)).sum(-1)                                   # (..., H, r)  S_{t-1} q_t
+    err = v - (S * k.unsqueeze(-2)).sum(-1)                                # (..., H, r)  v_t − S_{t-1} k_t
+    keep, beta = torch.sigmoid(-beta_logit), torch.sigmoid(beta_logit)     # (..., H, r) each: λ_t, β_t
+    return read, keep.unsqueeze(-1) * S + (beta * err).unsqueeze(-1) * k.unsqueeze(-2)
+
+
 def delta_rule_loop(q, k, v, beta_logit, state=None, mask=None) -> tuple[Tensor, Tensor]:
-    """Reference scan, one token at a time (also the decode path, T = 1).
+    """Reference scan: delta_rule_step one token at a time.
 
     q, k, v, beta_logit: (B, T, H, r); state: (B, H, r, r) or None (zeros); mask: (B, T) bool, True = real token
     (a masked token reads 0 and leaves the state unchanged). Computes in fp32, or fp64 if q is fp64.
     Returns reads (B, T, H, r) and the final state (B, H, r, r), both in the compute dtype.
     """
-    with torch.autocast(q.device.type, enabled=False):  # stay fp32 (or fp64) inside bf16 autocast regions
-        B, T, H, r = q.shape
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        q, k, v, beta_logit = (x.to(dtype) for x in (q, k, v, beta_logit))
-        S = q.new_zeros(B, H, r, r) if state is None else state.to(dtype)  # (B, H, r, r)
-        beta, keep = torch.sigmoid(beta_logit), torch.sigmoid(-beta_logit)  # (B, T, H, r) each
-        # unbind, not q[:, t]: indexing inside a loop makes each backward step allocate a full-size zero gradient
-        steps = zip(*(x.unbind(1) for x in (q, k, v, beta, keep)))          # T × five (B, H, r)
-        masks = mask.unbind(1) if mask is not None else [None] * T          # T × (B,)
-        reads = []
-        for (q_t, k_t, v_t, beta_t, keep_t), m_t in zip(steps, masks):
-            read = (S @ q_t.unsqueeze(-1)).squeeze(-1)                      # (B, H, r)  S_{t-1} q_t
-            err = v_t - (S @ k_t.unsqueeze(-1)).squeeze(-1)                 # (B, H, r)  v_t − S_{t-1} k_t
-            S_new = keep_t.unsqueeze(-1) * S + (beta_t * err).unsqueeze(-1) * k_t.unsqueeze(-2)  # (B, H, r, r)
-            if m_t is not None:
-                m_t = m_t[:, None, None]                                    # (B, 1, 1)
-                read, S_new = torch.where(m_t, read, 0.0), torch.where(m_t.unsqueeze(-1), S_new, S)
-            reads.append(read)
-            S = S_new
-        return torch.stack(reads, 1), S                                     # (B, T, H, r), (B, H, r, r)
+    B, T, H, r = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, beta_logit = (x.to(dtype) for x in (q, k, v, beta_logit))
+    S = q.new_zeros(B, H, r, r) if state is None else state.to(dtype)      # (B, H, r, r)
+    # unbind, not q[:, t]: indexing inside a loop makes each backward step allocate a full-size zero gradient
+    steps = zip(*(x.unbind(1) for x in (q, k, v, beta_logit)))              # T × four (B, H, r)
+    masks = mask.unbind(1) if mask is not None else [None] * T              # T × (B,)
+    reads = []
+    for (q_t, k_t, v_t, beta_t), m_t in zip(steps, masks):
+        read, S_new = delta_rule_step(q_t, k_t, v_t, beta_t, S)             # (B, H, r), (B, H, r, r)
+        if m_t is not None:
+            m_t = m_t[:, None, None]                                        # (B, 1, 1)
+            read, S_new = torch.where(m_t, read, 0.0), torch.where(m_t.unsqueeze(-1), S_new, S)
+        reads.append(read)
+        S = S_new
+    return torch.stack(reads, 1), S                                         # (B, T, H, r), (B, H, r, r)
 
 
 def delta_rule_chunked(q, k, v, beta_logit, state=None, mask=None, chunk_size=16) -> tuple[Tensor, Tensor]:
@@ -182,23 +193,24 @@ class DeltaMem(nn.Module):
             delta = nn.Linear(m, base.shape[0], **kw)
             init_delta(delta.weight, base, cfg)
             setattr(self, f"delta_{h}_proj", delta)
+        self.written = None  # the last writing call's (beta_logit, mask), for beta_mean
 
     def project(self, x):
         """x (B, T, d) -> q, k, v, beta_logit, each (B, T, n, r)."""
         n, r = self.cfg.num_states, self.cfg.rank
-        split = lambda t: t.unflatten(-1, (n, r))  # (B, T, m) -> (B, T, n, r)
-        q = F.normalize(torch.tanh(split(self.memory_q_proj(x))), dim=-1, eps=1e-6)
-        k = F.normalize(torch.tanh(split(self.memory_k_proj(x))), dim=-1, eps=1e-6)
-        v = split(self.memory_v_proj(x))
-        beta_logit = split(self.beta_proj(x) + self.beta_bias)
-        return q, k, v, beta_logit
+        # one matmul for all four (at T = 1, concatenating the small weights is cheaper than three more calls)
+        W = torch.cat([self.memory_q_proj.weight, self.memory_k_proj.weight, self.memory_v_proj.weight,
+                       self.beta_proj.weight])                                   # (4m, d)
+        z = F.linear(x, W).to(x.dtype).unflatten(-1, (4, n, r))  # (B, T, 4, n, r); fp32 again after bf16 autocast
+        qk = torch.tanh(z[..., :2, :, :])                                       # (B, T, 2, n, r)
+        # F.normalize(qk, dim=-1, eps=1e-6), minus the Python layers around it (they cost more than the math at T = 1)
+        q, k = (qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-6)).unbind(-3)
+        return q, k, z[..., 2, :, :], z[..., 3, :, :] + self.beta_bias.view(n, r)
 
     def forward(self, x, state, io):
-        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)).
-
-        A writing call also leaves `self.beta_mean`, the mean write gate β over what it wrote, for the training loss's
-        sparsity term (DELTAMEM_SPEC.md, "Training").
-        """
+        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). The corrections come in the
+        adapter's dtype (bf16 under autocast): the caller casts them to that of the outputs they are added to.
+        A writing call also keeps its gates, for `beta_mean`."""
         B, T, _ = x.shape
         n, r = self.cfg.num_states, self.cfg.rank
         xm = x.to(self.beta_bias.dtype)
@@ -209,33 +221,48 @@ class DeltaMem(nn.Module):
         if ssw and io.segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(io.segment_ids.shape)}, expected the tokens' {(B, T)}")
         if io.write and not ssw:
-            scan = delta_rule_loop if T == 1 else delta_rule_chunked  # decoding one token: the loop is cheapest
-            reads, state = scan(q, k, v, beta_logit, state=state, mask=io.real)
-            self.beta_mean = masked_mean(torch.sigmoid(beta_logit), io.real)
+            mask = io.real if io.padded else None
+            if T == 1 and mask is None:  # decoding a generated token: one step, no loop and nothing to mask
+                reads, state = delta_rule_step(q, k, v, beta_logit, state.unsqueeze(1))  # (B, 1, n, r), (B, 1, n, r, r)
+                state = state.squeeze(1)
+            else:
+                reads, state = delta_rule_chunked(q, k, v, beta_logit, state=state, mask=mask)
+            self.written = (beta_logit, mask)
         else:  # every token reads the state from before the call
             reads = torch.einsum("bnij,btnj->btni", state.to(q.dtype), q) * io.real[..., None, None]
             if io.write:
                 state = self.write_segments(xm, state, io)
-        read = reads.flatten(-2).to(xm.dtype) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
-        return {h: getattr(self, f"delta_{h}_proj")(read).to(x.dtype) for h in self.cfg.heads}, state
+        read = reads.flatten(-2) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
+        return {h: F.linear(read, getattr(self, f"delta_{h}_proj").weight) for h in self.cfg.heads}, state
+
+    @property
+    def beta_mean(self) -> Tensor:
+        """The mean write gate β over what the last writing call wrote, for the training loss's sparsity term
+        (DELTAMEM_SPEC.md, "Training"). Computed when asked for, as decoding never needs it."""
+        if self.written is None:
+            return self.beta_bias.new_zeros(())
+        beta_logit, mask = self.written
+        return masked_mean(torch.sigmoid(beta_logit), mask)
 
     def write_segments(self, x, state, io):
         """SSW: one write per segment, from the mean of its tokens' x, in segment-id order."""
         ids = torch.where(io.real, io.segment_ids, -1)  # (B, T); padding never writes
         J = int(ids.max()) + 1
         if J == 0:  # nothing to write
-            self.beta_mean = x.new_zeros(())
+            self.written = None
             return state
         onehot = (ids[..., None] == torch.arange(J, device=x.device)).to(x.dtype)  # (B, T, J)
         count = onehot.sum(1)  # (B, J)
         means = onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None]  # (B, J, d)
         q, k, v, beta_logit = self.project(means)  # (B, J, n, r) each
-        self.beta_mean = masked_mean(torch.sigmoid(beta_logit), count > 0)
+        self.written = (beta_logit, count > 0)
         return delta_rule_chunked(q, k, v, beta_logit, state=state, mask=count > 0)[1]
 
 
 def masked_mean(x, mask):
-    """Mean of x (B, T, ...) over the positions where mask (B, T) is True."""
+    """Mean of x (B, T, ...) over the positions where mask (B, T) is True (None: all)."""
+    if mask is None:
+        return x.mean()
     w = mask.to(x.dtype).view(*mask.shape, *[1] * (x.dim() - 2)).expand_as(x)
     return (x * w).sum() / w.sum().clamp(min=1)
 

@@ -149,6 +149,7 @@ class KVCache:
 class MemoryIO:
     """What one forward call asks of every layer's δ-mem module (deltamem.DeltaMem)."""
     real: torch.Tensor  # (B, T) bool: real tokens read and write; padding does neither
+    padded: bool  # False: every token is real, so the scan needs no mask
     write: bool  # False: read only, the state is returned unchanged
     segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
 
@@ -175,7 +176,7 @@ class Attention(nn.Module):
         if self.delta_mem is not None:
             delta, state = self.delta_mem(x, state, io)  # corrections read from the state, each (B, T, out)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
-        q, k, v = (t + delta[h] if h in delta else t for h, t in zip("qkv", (q, k, v)))
+        q, k, v = (t + delta[h].to(t.dtype) if h in delta else t for h, t in zip("qkv", (q, k, v)))
         q = q.view(B, T, -1, hd)  # (B, T, nh, hd)
         k = k.view(B, T, -1, hd)  # (B, T, nkv, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -190,7 +191,7 @@ class Attention(nn.Module):
                                            enable_gqa=True)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         y = self.o_proj(y)  # (B, T, d)
-        return (y + delta["o"] if "o" in delta else y), state
+        return (y + delta["o"].to(y.dtype) if "o" in delta else y), state
 
 
 class MLP(nn.Module):
@@ -260,7 +261,7 @@ class Transformer(nn.Module):
         if pad_mask is not None or (cache is not None and (cache.padded or (start > 0 and T > 1))):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
-        io = MemoryIO(real, write, segment_ids)
+        io = MemoryIO(real, pad_mask is not None, write, segment_ids)
         new_state = []
         for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
             x, layer_state = block(x, cos, sin, mask, cache, layer_state, io)

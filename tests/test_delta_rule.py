@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltamem import delta_rule_chunked, delta_rule_loop
+from deltamem import delta_rule_chunked, delta_rule_loop, delta_rule_step
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -184,15 +184,17 @@ def test_state_carried_across_calls(fn):
     torch.testing.assert_close(final_b, final, **TOL)
 
 
-def test_token_by_token_decode_equals_chunked():
+def test_token_by_token_decode_equals_loop_and_chunked():
+    """The decode path: delta_rule_step on one-token slices with (B, 1) leading dims, as DeltaMem.forward calls it."""
     q, k, v, beta_logit, state = make_inputs(B=2, T=21, H=4)
-    reads, final = delta_rule_chunked(q, k, v, beta_logit, state=state)
-    S, steps = state, []
+    S, steps = state.unsqueeze(1), []                                       # (B, 1, H, r, r)
     for t in range(21):
-        read, S = delta_rule_loop(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], beta_logit[:, t:t + 1], state=S)
-        steps.append(read)
-    torch.testing.assert_close(torch.cat(steps, 1), reads, **TOL)
-    torch.testing.assert_close(S, final, **TOL)
+        read, S = delta_rule_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], beta_logit[:, t:t + 1], S)
+        steps.append(read)                                                  # (B, 1, H, r)
+    for reads, final in (delta_rule_loop(q, k, v, beta_logit, state=state),
+                         delta_rule_chunked(q, k, v, beta_logit, state=state)):
+        torch.testing.assert_close(torch.cat(steps, 1), reads, **TOL)
+        torch.testing.assert_close(S.squeeze(1), final, **TOL)
 
 
 def test_low_precision_inputs_are_upcast():
