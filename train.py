@@ -4,11 +4,12 @@
     python train.py --write ssw --ckpt checkpoints/qwen3-4b --episodes 2240 --batch-size 32   # one GPU
 
 An episode (DELTAMEM_SPEC.md, "Training"): reset the state; write pass over the chat history (its messages in
-ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question + answer with writes off and WITHOUT the history in context; loss =
-cross-entropy on the answer tokens + beta_weight · mean over layers of (mean β − beta_target)², with gradients
-through the state into the whole write pass. The task is data.py's facts-in-a-chat. The final evaluation is
-evaluate.py's: on held-out episodes, the frozen backbone (question only; history in context), the δ-mem state alone,
-a shuffled state (another episode's, the informative control) and state + history, with Wilson 95% intervals.
+ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question + answer with
+writes off and WITHOUT the history in context; loss = cross-entropy on the answer tokens + beta_weight · mean over
+layers of (mean β − beta_target)², with gradients through the state into the whole write pass. The task is data.py's
+facts-in-a-chat. The final evaluation is evaluate.py's: on held-out episodes, the frozen backbone (question only;
+history in context), the δ-mem state alone, a shuffled state (another episode's, the informative control) and state
++ history, with Wilson 95% intervals.
 """
 import argparse
 import inspect

@@ -122,7 +122,10 @@ def test_ctrl_c_during_training_leaves_a_loadable_checkpoint(tiny_ckpt, tmp_path
              "--micro-batch", "2", "--eval-every", "100000"]
     proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=Path(__file__).resolve().parents[1],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a runner that started us in the background may have SIGINT ignored, and a child
+                            # would inherit that; Ctrl-C in a terminal has the default action
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # wait until it is inside the training loop
             if line.startswith("step    2/"):
