@@ -8,6 +8,8 @@ the only way to the answer (DELTAMEM_SPEC.md, "Training").
 Splits, by what the asked fact is: "train" and "valid" (fresh episodes of the training distribution) ask the
 training pairs; "test" asks held-out (attribute, value) pairs, which training histories mention but training never
 asks; "unseen" asks values that never occur in training at all.
+
+`make_batch` turns episodes into the tensors of a write pass and a read pass (shared by train.py and evaluate.py).
 """
 import random
 from dataclasses import dataclass
