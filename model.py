@@ -5,7 +5,9 @@ match to ~1e-6 in fp32 (tests/test_model.py), and the module names equal the che
 (`model.layers.0.self_attn.q_proj.weight`), so loading a converted checkpoint is a strict key-for-key copy.
 Weights come from load_hf_weights.py. δ-mem (deltamem.py) hooks into Attention.forward: a module attached as
 `self_attn.delta_mem` reads its per-layer state and returns corrections to q (before q_norm and RoPE), k, v and the
-attention output (after o_proj); `Transformer.forward` carries the states of all layers in and out.
+attention output (after o_proj); `Transformer.forward` carries the states of all layers in and out. The state travels
+beside the KV cache, not inside it, because it outlives it: a cache belongs to one visible context and is thrown
+away with it, while the state keeps what was written across contexts, processes (saved to a file) and batches.
 
 Dims used in shape comments: B batch, T new tokens, S cached + new tokens, d hidden, nh query heads,
 nkv key/value heads, hd head dim, V vocab.
@@ -27,16 +29,16 @@ ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Sm
 @dataclass
 class ModelConfig:
     architecture: str  # one of ARCHITECTURES
-    vocab_size: int
+    vocab_size: int  # V: rows of embed_tokens and lm_head
     hidden_size: int  # d
     intermediate_size: int  # width of the SwiGLU MLP
-    num_hidden_layers: int
+    num_hidden_layers: int  # L: decoder blocks (each gets its own δ-mem state)
     num_attention_heads: int  # nh
     num_key_value_heads: int  # nkv; nh % nkv == 0 (grouped-query attention)
     head_dim: int  # hd; Qwen3 sets it explicitly (not always d // nh)
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
+    rms_norm_eps: float  # epsilon inside every RMSNorm
+    rope_theta: float  # RoPE base frequency
+    max_position_embeddings: int  # longest context the model was trained for
     tie_word_embeddings: bool  # lm_head shares embed_tokens' weight
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
     qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
@@ -146,12 +148,13 @@ class KVCache:
 
 
 @dataclass
-class MemoryIO:
+class MemoryCall:
     """What one forward call asks of every layer's δ-mem module (deltamem.DeltaMem)."""
     real: torch.Tensor  # (B, T) bool: real tokens read and write; padding does neither
     padded: bool  # False: every token is real, so the scan needs no mask
     write: bool  # False: read only, the state is returned unchanged
     segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
+    betas: list | None = None  # if a list, each layer that writes appends the mean of its write gates β (training)
 
 
 class Attention(nn.Module):
@@ -168,13 +171,13 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.delta_mem = None  # deltamem.attach() puts a DeltaMem module here
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, state=None, io: MemoryIO | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, state=None, call: MemoryCall | None = None):
         """x (B, T, d) -> (B, T, d), and this layer's δ-mem state after the call (None without δ-mem)."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         delta = {}
         if self.delta_mem is not None:
-            delta, state = self.delta_mem(x, state, io)  # corrections read from the state, each (B, T, out)
+            delta, state = self.delta_mem(x, state, call)  # corrections read from the state, each (B, T, out)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
         q, k, v = (t + delta[h].to(t.dtype) if h in delta else t for h, t in zip("qkv", (q, k, v)))
         q = q.view(B, T, -1, hd)  # (B, T, nh, hd)
@@ -214,8 +217,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, state, io):
-        h, state = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, state, io)
+    def forward(self, x, cos, sin, mask, cache, state, call):
+        h, state = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, state, call)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), state
 
@@ -237,14 +240,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, idx, state: State | None = None, write=True, segment_ids=None, cache: KVCache | None = None,
-                pad_mask=None, logits=True) -> tuple[torch.Tensor | None, State | None]:
+                pad_mask=None, logits=True, betas: list | None = None) -> tuple[torch.Tensor | None, State | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the δ-mem state after this call (None without δ-mem).
 
         δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it;
         `segment_ids` (B, T) gives SSW its messages. `cache` continues a KV-cached sequence (prefill or decode).
         `pad_mask` (B, T), True for real tokens, lets rows of different lengths share a batch (left or right
         padding): pads are never attended to, don't advance positions, and neither read nor write the state.
-        `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them.
+        `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them;
+        a (B, T) bool tensor computes them only where it is True, as (N, V). `betas`: a list that every writing δ-mem
+        layer appends its mean write gate β to (the training loss's sparsity term); nothing is kept between calls.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, d)
@@ -261,14 +266,16 @@ class Transformer(nn.Module):
         if pad_mask is not None or (cache is not None and (cache.padded or (start > 0 and T > 1))):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
-        io = MemoryIO(real, pad_mask is not None, write, segment_ids)
+        call = MemoryCall(real, pad_mask is not None, write, segment_ids, betas)
         new_state = []
         for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
-            x, layer_state = block(x, cos, sin, mask, cache, layer_state, io)
+            x, layer_state = block(x, cos, sin, mask, cache, layer_state, call)
             new_state.append(layer_state)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.model.norm(x)) if logits else None  # (B, T, V)
+        if isinstance(logits, torch.Tensor):
+            x = x[logits]  # (N, d): only the positions asked for
+        logits = self.lm_head(self.model.norm(x)) if logits is not False else None  # (B, T, V) or (N, V)
         return logits, (new_state if self.model.layers[0].self_attn.delta_mem is not None else None)
 
     @torch.no_grad()
@@ -350,13 +357,11 @@ def checkpoint_shapes(model: Transformer) -> dict:
 
 
 def check_state_dict(expected: dict, got: dict, source: str):
-    """`got` must hold exactly the tensors named in `expected` (key -> shape), each with its shape."""
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise ValueError(f"{source}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
-    extra = sorted(set(got) - set(expected))
-    if extra:
-        raise ValueError(f"{source}: unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if extra[1:] else ""))
-    for key, t in got.items():
-        if tuple(t.shape) != expected[key]:
-            raise ValueError(f"{source}: tensor '{key}' has shape {tuple(t.shape)}, expected {expected[key]}")
+    """`got` must hold exactly the tensors named in `expected` (key -> shape), each with its shape; one error names
+    every tensor that is missing, unexpected or mis-shaped."""
+    bad = [f"missing tensor '{k}'" for k in sorted(set(expected) - set(got))]
+    bad += [f"unexpected tensor '{k}'" for k in sorted(set(got) - set(expected))]
+    bad += [f"tensor '{k}' has shape {tuple(t.shape)}, expected {expected[k]}" for k, t in sorted(got.items())
+            if k in expected and tuple(t.shape) != expected[k]]
+    if bad:
+        raise ValueError(f"{source}: {'; '.join(bad)}")

@@ -2,23 +2,22 @@
 
     python sample.py --prompt "What is the capital of France?"
     python sample.py --ckpt checkpoints/qwen3-4b --prompt "Hi" --temperature 0.7 --top-p 0.9
-    python sample.py --adapter runs/tsw/adapter.safetensors --history facts.json --save-state me.safetensors
-    python sample.py --adapter runs/tsw/adapter.safetensors --load-state me.safetensors --prompt "What is my ...?"
-    python sample.py --adapter runs/tsw/adapter.safetensors --chat --state me.safetensors
+    python sample.py --adapter runs/tsw/adapter.safetensors --history facts.json --state me.safetensors
+    python sample.py --adapter runs/tsw/adapter.safetensors --state me.safetensors --prompt "What is my ...?"
+    python sample.py --adapter runs/tsw/adapter.safetensors --state me.safetensors --chat
 
 Without --ckpt it uses the embedded SmolLM2-135M-Instruct default (converted on first use, see load_hf_weights.py).
 
-How text gets into the state: messages are written the way train.py's write pass writes a history
-(tokenizer.chat_with_segments: their ChatML ids, one SSW segment per message, no system prompt), in forwards of their
-own: no KV cache, positions from 0. More than --window tokens are
-cut into windows at message boundaries (inside a message only when it alone is longer than a window) and written one
-after another with the state carried; the backbone's attention does not span windows, so a windowed write is not
-identical to one long write. A reply is generated with writes off, reading the state as it was before the turn;
-then the finished turn (the user message and the reply) is written, once.
+The memory is one file, --state: read at the start if it exists, written (atomically) whenever the state changes.
+How text gets into the state: messages are written the way a training write pass writes a history
+(data.write_messages: their ChatML ids, one SSW segment per message, no system prompt, in forwards of their own,
+cut into windows of at most --window tokens at message boundaries). A reply is generated with writes off, reading
+the state as it was before the turn; then the finished turn (the user message and the reply) is written, once.
 """
 import argparse
 import codecs
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,12 +25,14 @@ from pathlib import Path
 
 import torch
 
-from deltamem import load_adapter, load_state, save_state, zero_state
-from load_hf_weights import default_checkpoint
+from data import write_messages
+from deltamem import zero_state
+from deltamem_io import check_writable, load_adapter, load_state, save_state
+from load_hf_weights import checkpoint_dir
 from model import load_model
-from tokenizer import chat_with_segments, load_tokenizer
+from runtime import DTYPES, HelpFormatter, configure
+from tokenizer import load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROLES = ("system", "user", "assistant")
 COMMANDS = {
     "/save": "/save [FILE]: save the state (default: the --state file)",
@@ -49,23 +50,22 @@ class Memory:
     created: str  # when it was started (UTC, ISO 8601)
 
 
-def pick_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Stream chat answers from a deltamem checkpoint, with or without a "
-                                            "δ-mem state.", epilog="chat commands: " + "; ".join(COMMANDS.values()))
+                                            "δ-mem state.", epilog="chat commands: " + "; ".join(COMMANDS.values()),
+                                formatter_class=HelpFormatter)
     p.add_argument("--prompt", help="the user message (one turn); leave out with --chat, or to only write --history")
-    p.add_argument("--ckpt", help="converted checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", help="converted checkpoint directory; leave out for the embedded SmolLM2-135M-Instruct")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding probability p")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bf16 where this device runs it fast (measured on CPU), else fp32")
+    g.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads")
     m = p.add_argument_group("δ-mem memory")
     m.add_argument("--adapter", help="δ-mem adapter file (train.py's adapter.safetensors); without it, no state")
     m.add_argument("--no-mem", action="store_true", help="answer with the frozen backbone alone (no adapter, no "
@@ -75,26 +75,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "plain text (one user message)")
     m.add_argument("--window", type=int, default=None, help="write at most this many tokens per forward (default: "
                                                             "the model's max_position_embeddings)")
-    m.add_argument("--load-state", metavar="FILE", help="start from a state saved with --save-state")
-    m.add_argument("--save-state", metavar="FILE", help="save the state at the end (safetensors with metadata)")
-    m.add_argument("--state", metavar="FILE", help="persistent memory: load FILE if it exists, save it after every "
-                                                   "turn and command")
+    m.add_argument("--state", metavar="FILE", help="the memory file (safetensors with metadata): loaded if it exists, "
+                                                   "saved whenever the state changes")
     m.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line (a terminal or "
                                                        "a script), every turn written to the state; see the commands")
     args = p.parse_args(argv)
-    stateful = [f"--{k.replace('_', '-')}" for k in ("history", "load_state", "save_state", "state") if getattr(args, k)]
-    if args.no_mem and set(stateful) - {"--history"}:
-        p.error(f"--no-mem has no state: leave out {', '.join(s for s in stateful if s != '--history')}")
-    if stateful and not args.adapter and not args.no_mem:
-        p.error(f"{stateful[0]} needs --adapter (the δ-mem weights that write and read the state)")
-    if args.state and (args.load_state or args.save_state):
-        p.error("--state already loads and saves; leave out --load-state / --save-state")
+    if args.no_mem and args.state:
+        p.error("--no-mem has no state: leave out --state")
+    for flag in ("history", "state"):
+        if getattr(args, flag) and not args.adapter and not args.no_mem:
+            p.error(f"--{flag} needs --adapter (the δ-mem weights that write and read the state)")
     if args.chat and args.prompt is not None:
         p.error("--prompt is one turn, --chat reads its turns from stdin: give one of them")
-    if not (args.prompt is not None or args.chat or args.save_state or args.state):
-        p.error("nothing to do: give --prompt, --chat, or --history with --save-state")
-    if args.max_new_tokens < 1 or (args.window is not None and args.window < 1):
-        p.error("--max-new-tokens and --window must be at least 1")
+    if not (args.prompt is not None or args.chat or (args.history and args.state)):
+        p.error("nothing to do: give --prompt, --chat, or --history with --state")
+    for flag, ok, need in (("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+                           ("window", args.window is None or args.window >= 1, "at least 1"),
+                           ("threads", args.threads >= 1, "at least 1"),
+                           ("temperature", args.temperature >= 0, "0 (greedy) or more"),
+                           ("top_k", args.top_k is None or args.top_k >= 1, "at least 1"),
+                           ("top_p", args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} must be {need}, got {getattr(args, flag)}")
     return args
 
 
@@ -134,29 +136,10 @@ def read_history(path) -> list[dict]:
     return messages
 
 
-def windows(seg: list[int], size: int) -> list[tuple[int, int]]:
-    """[start, end) spans of at most `size` tokens covering a write; each ends where a message starts if one does
-    inside it. seg: the tokens' segment ids (one per message)."""
-    spans, start = [], 0
-    while start < len(seg):
-        end = min(start + size, len(seg))
-        if end < len(seg):
-            end = max((i for i in range(start + 1, end + 1) if seg[i] != seg[i - 1]), default=end)
-        spans.append((start, end))
-        start = end
-    return spans
-
-
-@torch.no_grad()
-def write_messages(model, tok, mem: Memory, messages: list[dict], window: int) -> tuple[Memory, int]:
-    """Write chat messages into the state (see the module docstring); returns it and the number of windows used."""
-    ids, seg = chat_with_segments(tok, messages)
-    state, device = mem.state, mem.state[0].device
-    spans = windows(seg, window)
-    for start, end in spans:
-        idx = torch.tensor([ids[start:end]], device=device)  # (1, T)
-        _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device))
-    return Memory(state, mem.tokens + len(ids), mem.created), len(spans)
+def remember(model, tok, mem: Memory, messages: list[dict], window: int) -> tuple[Memory, int]:
+    """Write chat messages into the memory (data.write_messages); returns it and the number of windows used."""
+    state, tokens, n_windows = write_messages(model, tok, mem.state, messages, window)
+    return Memory(state, mem.tokens + tokens, mem.created), n_windows
 
 
 @torch.no_grad()
@@ -198,7 +181,7 @@ def turn(model, tok, mem: Memory | None, context: list[dict], text: str, args, g
     context = context + [user, {"role": "assistant", "content": reply(model, tok, context + [user], mem, args,
                                                                       generator, out)}]
     if mem is not None:
-        mem, _ = write_messages(model, tok, mem, context[-2:], args.window)
+        mem, _ = remember(model, tok, mem, context[-2:], args.window)
     return mem, context
 
 
@@ -291,9 +274,8 @@ def stdin_lines():
 
 def load(args):
     """Backbone (+ adapter unless --no-mem) and tokenizer."""
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    args.ckpt = str(args.ckpt or default_checkpoint())  # recorded in saved states
+    device, dtype = configure(args.device, args.dtype, args.threads)
+    args.ckpt = str(checkpoint_dir(args.ckpt))  # recorded in saved states
     model = load_model(args.ckpt, device=device, dtype=dtype)
     if args.adapter and not args.no_mem:
         load_adapter(model, args.adapter)
@@ -301,38 +283,41 @@ def load(args):
 
 
 def start_memory(model, tok, args, err) -> Memory | None:
-    """The state to start from: --load-state, an existing --state file, or empty; then --history written into it."""
+    """The state to start from: the --state file if it exists, else empty; then --history written into it (and
+    saved)."""
     if not args.adapter or args.no_mem:
         if args.no_mem and (args.adapter or args.history):
             print("(--no-mem: the frozen backbone answers; --adapter and --history are not used)", file=err)
         return None
-    source = args.load_state or (args.state if args.state and Path(args.state).exists() else None)
-    mem = load_memory(source, model) if source else new_memory(model)
+    mem = load_memory(args.state, model) if args.state and Path(args.state).exists() else new_memory(model)
     if args.history:
         messages = read_history(args.history)
-        mem, n_windows = write_messages(model, tok, mem, messages, args.window)
+        mem, n_windows = remember(model, tok, mem, messages, args.window)
         how = (f"in {n_windows} windows of at most {args.window} tokens, attention not spanning windows"
                if n_windows > 1 else "in one forward")
         print(f"(wrote {args.history} into the state: {len(messages)} message(s), {mem.tokens} tokens written in "
               f"all, {how})", file=err)
+        if args.state:
+            save_memory(args.state, mem, model, args)
     return mem
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.state:
+            check_writable(args.state)  # before any work
         model, tok = load(args)
         args.window = args.window or model.config.max_position_embeddings
         mem = start_memory(model, tok, args, sys.stderr)
         generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
         if args.chat:
-            mem = chat(model, tok, mem, stdin_lines(), args, generator)
+            chat(model, tok, mem, stdin_lines(), args, generator)
         elif args.prompt is not None:
             mem, _ = turn(model, tok, mem, [], check_text(args.prompt, "--prompt"), args, generator, sys.stdout,
                           sys.stderr)
-        for path in (args.save_state, args.state):
-            if path:
-                save_memory(path, mem, model, args)
+            if args.state:
+                save_memory(args.state, mem, model, args)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

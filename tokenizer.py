@@ -121,16 +121,6 @@ class Tokenizer:
         return [self.added["<|im_start|>"], *self.encode(text), self.added["<|im_end|>"], *self.encode("\n")]
 
 
-def chat_with_segments(tok: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """ChatML ids of messages written into a δ-mem state, and each token's SSW segment (message i -> i). No system
-    prompt: it is not part of what is remembered, and in training it would be the same writes in every episode."""
-    ids, seg = [], []
-    for i, m in enumerate(messages):
-        part = tok.encode_message(m)
-        ids, seg = ids + part, seg + [i] * len(part)
-    return ids, seg
-
-
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     """The Tokenizer of a checkpoint dir holding HF tokenizer.json and tokenizer_config.json."""
     path = Path(ckpt_dir) / "tokenizer.json"

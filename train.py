@@ -3,11 +3,11 @@
     python train.py --write tsw                       # the embedded SmolLM2-135M on CPU
     python train.py --write ssw --ckpt checkpoints/qwen3-4b --episodes 2240 --batch-size 32   # one GPU
 
-An episode (DELTAMEM_SPEC.md, "Training"): reset the state; write pass over the chat history (its messages in
-ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question + answer with
-writes off and WITHOUT the history in context; loss = cross-entropy on the answer tokens + beta_weight · mean over
-layers of (mean β − beta_target)², with gradients through the state into the whole write pass. The task is data.py's
-facts-in-a-chat. The final evaluation is evaluate.py's: on held-out episodes, the frozen backbone (question only;
+An episode (the paper's training section; the official trainer): reset the state; write pass over the chat history
+(its messages in ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question
++ answer with writes off and WITHOUT the history in context; loss = cross-entropy on the answer tokens + beta_weight ·
+mean over layers of (mean β − beta_target)², with gradients through the state into the whole write pass
+(data.episode_loss). The task is data.py's facts-in-a-chat. The final evaluation is evaluate.py's: on held-out episodes, the frozen backbone (question only;
 history in context), the δ-mem state alone, a shuffled state (another episode's, the informative control) and state
 + history, with Wilson 95% intervals.
 """
@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from data import TaskConfig, episodes, make_batch, write_pass
-from deltamem import DeltaMemConfig, adapter_parameters, attach, base_model_id, save_adapter
-from evaluate import CONDITIONS, evaluate, final_evaluation, precision
-from load_hf_weights import default_checkpoint
+from data import TaskConfig, episode_loss, episodes, make_batch
+from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
+from deltamem_io import atomic_path, base_model_id, save_adapter
+from evaluate import CONDITIONS, evaluate, final_evaluation, pyplot
+from load_hf_weights import checkpoint_dir
 from model import load_model
+from runtime import DTYPES, HelpFormatter, configure, precision
 from tokenizer import load_tokenizer
 
 
@@ -59,9 +60,10 @@ class TrainConfig:
     eval_every: int = 50  # steps between quick validations
     eval_episodes: int = 64  # episodes per split in the final evaluation
     out: str = "runs/tsw"  # run directory: ckpt.pt, adapter.safetensors, eval.json, PNGs
-    ckpt: str | None = None  # converted backbone directory (default: the embedded SmolLM2-135M-Instruct)
-    device: str | None = None  # default: cuda if available, else cpu
-    dtype: str = "bfloat16"  # bfloat16: backbone weights in bf16 + autocast (δ-mem and its state stay fp32) | float32
+    ckpt: str | None = None  # converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct
+    device: str | None = None  # cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 where this device runs it fast (measured on CPU), else fp32; bf16 = bf16 backbone + autocast, δ-mem and its state fp32
+    threads: int = os.cpu_count()  # CPU threads; two jobs on the same cores run 2-6x slower: give each a share
     seed: int = 0  # seeds the adapter init and the episode stream
     resume: bool = False  # continue from out/ckpt.pt
 
@@ -74,16 +76,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- training
-
-def episode_loss(model, b, cfg: TrainConfig):
-    """(sum of answer-token cross-entropies, β term, answer tokens) for one micro-batch of episodes."""
-    state = write_pass(model, b)
-    beta_means = torch.stack([blk.self_attn.delta_mem.beta_mean for blk in model.model.layers])  # (L,)
-    logits, _ = model(b["read"], state=state, write=False, pad_mask=b["read_real"])
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), reduction="sum")
-    beta_term = cfg.beta_weight * ((beta_means - cfg.beta_target) ** 2).mean()
-    return ce, beta_term, (b["labels"] != -100).sum(), beta_means.mean().detach(), state
-
 
 def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
     warm = max(1, int(cfg.warmup * total))
@@ -103,11 +95,11 @@ def train_step(model, opt, tok, cfg: TrainConfig, step: int, total: int, device,
     ce_sum, beta_mean, norm = 0.0, 0.0, 0.0
     for b in micro:
         with autocast():
-            ce, beta_term, _, beta_m, state = episode_loss(model, b, cfg)
-        ((ce / n_tokens) + beta_term * len(b["value_pos"]) / len(eps)).backward()
-        ce_sum += ce.item()
-        beta_mean += beta_m.item() / len(micro)
-        norm += torch.stack([s.float().norm(dim=-1).mean() for s in state]).mean().item() / len(micro)
+            out = episode_loss(model, b, cfg.beta_weight, cfg.beta_target)
+        ((out["ce"] / n_tokens) + out["beta_term"] * len(b["value_pos"]) / len(eps)).backward()
+        ce_sum += out["ce"].item()
+        beta_mean += out["beta_mean"].item() / len(micro)
+        norm += torch.stack([s.float().norm(dim=-1).mean() for s in out["state"]]).mean().item() / len(micro)
     grad_norm = torch.nn.utils.clip_grad_norm_(adapter_parameters(model).values(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -116,9 +108,7 @@ def train_step(model, opt, tok, cfg: TrainConfig, step: int, total: int, device,
 
 
 def plot_curve(log: list[dict], path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train answer CE")
     val = [r for r in log if "val_state" in r]
@@ -138,21 +128,21 @@ def plot_curve(log: list[dict], path: Path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, log: list):
-    """Adapter + optimizer + configs + step + backbone identity, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Adapter + optimizer + configs + step + backbone identity, written atomically (an interrupted save leaves the
+    previous checkpoint and no half-written file)."""
+    with atomic_path(path) as tmp:
         torch.save(dict(adapter={k: p.detach() for k, p in adapter_parameters(model).items()},
                         optimizer=opt.state_dict(), train_config=asdict(cfg), step=step, log=log,
                         base_model=base_model_id(model)), tmp)
-        os.replace(tmp, path)
-    finally:  # an interrupted save leaves the previous checkpoint and no half-written file
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, model, opt) -> tuple[int, list]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, or not a checkpoint at all
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt); delete it to start afresh") from None
     if ck["base_model"] != base_model_id(model):
         raise ValueError(f"{path}: checkpoint is for another backbone")
     with torch.no_grad():
@@ -170,9 +160,8 @@ def field_help() -> dict[str, str]:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps, choices = field_help(), {"write": ["tsw", "ssw", "msw"], "dtype": ["bfloat16", "float32"],
-                                          "answer": ["short", "sentence"]}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    helps, choices = field_help(), {"write": WRITE_MODES, "dtype": ["auto", *DTYPES], "answer": ["short", "sentence"]}
     for f in fields(TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=helps.get(f.name, " "))
         if f.type is bool:
@@ -183,17 +172,16 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def setup(cfg: TrainConfig):
-    """Frozen backbone (bf16 weights unless float32) + tokenizer, with a fresh δ-mem attached; device and autocast."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = cfg.dtype == "bfloat16"
-    ckpt = cfg.ckpt or default_checkpoint()
-    model = attach(load_model(ckpt, device=device, dtype=torch.bfloat16 if bf16 else torch.float32), cfg.memory())
-    return model, load_tokenizer(ckpt), device, lambda: precision(device, bf16)
+    """Frozen backbone (in the compute dtype: bf16 weights + autocast, or fp32) + tokenizer, with a fresh δ-mem
+    attached; device and autocast."""
+    device, dtype = configure(cfg.device, cfg.dtype, cfg.threads)
+    ckpt = checkpoint_dir(cfg.ckpt)
+    model = attach(load_model(ckpt, device=device, dtype=dtype), cfg.memory())
+    return model, load_tokenizer(ckpt), device, lambda: precision(device, dtype)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    torch.set_flush_denormal(True)  # denormal states stalled CPU steps for 20–100 s in a prototype
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

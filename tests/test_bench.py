@@ -1,4 +1,5 @@
-"""bench.py --quick runs end to end and its JSON holds every expected row (timings are not checked)."""
+"""bench.py --quick, exactly as README documents it, runs end to end on the default model and its JSON holds every
+expected row (timings are not checked); a bad --sections is a usage error."""
 import itertools
 import json
 import subprocess
@@ -12,14 +13,12 @@ import bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick(tmp_path, tiny_ckpt):
-    out = tmp_path / "bench.json"
-    sections = "scan,chunk_size,backbone,prefill,decode,memory,train"
-    subprocess.run([sys.executable, "bench.py", "--quick", "--sections", sections, "--threads", "1", "--ckpt",
-                    str(tiny_ckpt), "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True,
-                   timeout=180)
-    result = json.loads(out.read_text())
-    assert result["meta"]["threads"] == 1
+@pytest.mark.real
+def test_bench_quick(tmp_path, smollm2_gguf):
+    subprocess.run([sys.executable, ROOT / "bench.py", "--quick"], cwd=tmp_path, check=True, capture_output=True,
+                   text=True, timeout=600)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["meta"]["cpu_capability"] and result["meta"]["dtype"] in ("float32", "bfloat16")
     rows = result["rows"]
     grid = set(itertools.product(["fwd", "fwd+bwd"], [1, 2], [1, 4], [16, 100]))   # mode, B, n, T of --quick
     scan = [row for row in rows if row["section"] == "scan"]
@@ -34,18 +33,22 @@ def test_bench_quick(tmp_path, tiny_ckpt):
     backbone = [row for row in rows if row["section"] == "backbone"]
     assert [row["what"] for row in backbone] == ["prefill", "decode"] and all(row["ours"] > 0 for row in backbone)
     by_section = {s: [row for row in rows if row["section"] == s] for s in ("prefill", "decode", "memory", "train")}
-    assert [row["dtype"] for row in by_section["prefill"]] == ["float32", "bfloat16"]
+    assert all(len(by_section[s]) == 1 for s in ("prefill", "decode", "train"))
     assert all(row["overhead"] > 0 for row in by_section["prefill"] + by_section["decode"])
-    assert len(by_section["decode"]) == 1 and len(by_section["train"]) == 1
-    assert by_section["train"][0]["speedup"] > 0 and by_section["train"][0]["bf16_over_fp32"] > 0
+    assert by_section["train"][0]["speedup"] > 0 and by_section["train"][0]["chunked_tok_s"] > 0
     assert len(by_section["memory"]) == 2 * 2 * 3  # models × write modes × history lengths
     qwen_32k = next(r for r in by_section["memory"] if r["model"] == "Qwen3-4B" and r["write"] == "tsw/ssw"
                     and r["history"] == 32768)
     assert qwen_32k["state_bytes"] == 36 * 8 * 8 * 4 and qwen_32k["kv_cache_bytes"] == 2 * 36 * 8 * 128 * 32768 * 2
 
 
-def test_bench_help(capsys):
+def test_bench_help_and_bad_sections(capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["-h"])
     out = capsys.readouterr().out
     assert "--quick" in out and "--out" in out and "chunk_size" in out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--sections", "scan,bogus", "--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    assert "argument --sections: unknown section(s) bogus; choose from scan" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

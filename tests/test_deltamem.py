@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import deltamem
-from deltamem import (DeltaMemConfig, attach, delta_rule_loop, load_adapter, load_state, save_adapter, save_state)
-from model import KVCache, MemoryIO, ModelConfig, Transformer, load_model
+from deltamem import DeltaMemConfig, attach, delta_rule_loop
+from deltamem_io import load_adapter, load_state, save_adapter, save_state
+from model import KVCache, MemoryCall, ModelConfig, Transformer, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -97,10 +98,10 @@ def test_decode_step_equals_the_reference_loop(write, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a one-token unpadded call reached the chunked scan")
     monkeypatch.setattr(deltamem, "delta_rule_chunked", fail)
-    io = MemoryIO(torch.ones(2, 1, dtype=torch.bool), padded=False, write=True, segment_ids=None)
+    call = MemoryCall(torch.ones(2, 1, dtype=torch.bool), padded=False, write=True, segment_ids=None)
     S, corrections = s0, []
     for t in range(9):
-        delta, S = mem(x[:, t:t + 1], S, io)
+        delta, S = mem(x[:, t:t + 1], S, call)
         corrections.append(delta)
     torch.testing.assert_close(S, final, rtol=1e-12, atol=1e-12)
     for h in ("q", "o"):
@@ -326,3 +327,23 @@ def test_official_settings_we_do_not_implement_are_refused(tmp_path, change, mes
     with pytest.raises(ValueError, match=message):
         convert_adapter(src, tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_the_beta_term_comes_from_its_own_write_pass_only():
+    """β is an output of the writing call that asks for it: nothing carries over from earlier calls."""
+    from data import episode_loss
+    model = tiny()
+    batch = lambda seed: dict(write=tokens(seed=seed), write_real=torch.ones(2, 13, dtype=torch.bool),
+                              segments=torch.full((2, 13), -1), read=tokens(T=7, seed=seed + 1),
+                              read_real=torch.ones(2, 7, dtype=torch.bool),
+                              labels=torch.cat([torch.full((2, 4), -100), tokens(T=3, seed=seed + 2)], 1))
+    alone = episode_loss(model, batch(20), 0.01, 0.05)
+    episode_loss(model, batch(30), 0.01, 0.05)  # another training forward first
+    model(tokens(seed=40))  # and an unrelated writing call
+    after = episode_loss(model, batch(20), 0.01, 0.05)
+    assert after["beta_term"] == alone["beta_term"] and after["beta_mean"] == alone["beta_mean"]
+    betas = []
+    model(tokens(seed=41), write=False, betas=betas)
+    assert betas == []  # a read-only call writes nothing and reports no gates
+    model(tokens(seed=41), betas=betas)
+    assert len(betas) == len(model.model.layers) and all(0 < b < 1 for b in betas)

@@ -1,5 +1,5 @@
 """evaluate.py: intervals, F1, the LoCoMo reader, curves and the CLI, on a tiny random model (LoCoMo conversations
-are written by sample.write_messages, whose windowing tests/test_sample.py checks)."""
+are written by data.write_messages, whose windowing tests/test_sample.py checks)."""
 import json
 from pathlib import Path
 
@@ -8,12 +8,14 @@ import torch
 
 import evaluate
 from data import TaskConfig
-from deltamem import DeltaMemConfig, attach, save_adapter
+from deltamem import DeltaMemConfig, attach
+from deltamem_io import save_adapter
 from model import load_model
+from runtime import precision
 from tokenizer import load_tokenizer
 
 LOCOMO = Path(__file__).parent / "fixtures" / "locomo_tiny.json"
-fp32 = lambda: evaluate.precision(torch.device("cpu"), bf16=False)
+fp32 = lambda: precision(torch.device("cpu"), torch.float32)
 
 
 def test_wilson_intervals():

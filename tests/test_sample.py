@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import deltamem
+import deltamem_io
 import sample
-from deltamem import DeltaMemConfig, adapter_hash, attach, load_state, save_adapter, save_state
+from data import chat_with_segments, windows
+from deltamem import DeltaMemConfig, attach
+from deltamem_io import adapter_hash, load_state, save_adapter, save_state
 from model import Transformer, load_model
-from tokenizer import chat_with_segments, load_tokenizer
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -135,7 +137,7 @@ def test_scripted_chat_across_two_processes(tiny_ckpt, adapter, tmp_path):
                  .encode())
     # the same steps in this process
     model, tok, args = setup(tiny_ckpt, adapter)
-    mem, _ = sample.write_messages(model, tok, sample.new_memory(model), sample.read_history(history), args.window)
+    mem, _ = sample.remember(model, tok, sample.new_memory(model), sample.read_history(history), args.window)
     mem, replies, _ = run_chat(model, tok, args, mem, [b"I live in Paris.\n"])
     assert first.stdout.decode() == "".join(r + "\n" for r in replies)
     persisted = sample.load_memory(tmp_path / "p.safetensors", model)
@@ -154,13 +156,13 @@ def test_state_file_metadata(tiny_ckpt, adapter, tmp_path, capsys):
     history = tmp_path / "h.txt"
     history.write_text("My favourite colour is pink.")
     path = tmp_path / "s.safetensors"
-    run_main(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--history", str(history), "--save-state",
+    run_main(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--history", str(history), "--state",
               str(path)], capsys)
     with safe_open(path, framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     model, tok, _ = setup(tiny_ckpt, adapter)
     assert keys == {"layers.0", "layers.1"}
-    assert meta["base_model"] == deltamem.base_model_id(model) and meta["write"] == "tsw"
+    assert meta["base_model"] == deltamem_io.base_model_id(model) and meta["write"] == "tsw"
     assert json.loads(meta["deltamem_config"])["rank"] == 8
     assert meta["adapter_sha256"] == adapter_hash(model) and meta["adapter"] == str(adapter)
     ids, _ = chat_with_segments(tok, [{"role": "user", "content": "My favourite colour is pink."}])
@@ -171,9 +173,9 @@ def test_state_file_metadata(tiny_ckpt, adapter, tmp_path, capsys):
 def test_state_from_another_adapter_or_backbone_is_refused(tiny_ckpt, adapter, tmp_path, capsys):
     path = tmp_path / "s.safetensors"
     run_main(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2",
-              "--save-state", str(path)], capsys)
+              "--state", str(path)], capsys)
     other = make_adapter(tiny_ckpt, tmp_path / "other.safetensors", seed=2)
-    message = one_line_error(["--ckpt", str(tiny_ckpt), "--adapter", str(other), "--load-state", str(path),
+    message = one_line_error(["--ckpt", str(tiny_ckpt), "--adapter", str(other), "--state", str(path),
                               "--prompt", "hi"], capsys)
     theirs, ours = (adapter_hash(setup(tiny_ckpt, a)[0])[:12] for a in (adapter, other))
     assert f"adapter sha256:{theirs} ({adapter})" in message and f"loaded adapter is sha256:{ours}" in message
@@ -187,15 +189,15 @@ def test_state_from_another_adapter_or_backbone_is_refused(tiny_ckpt, adapter, t
 
 
 def test_history_longer_than_the_context_is_written_in_windows(tiny_ckpt, adapter, tmp_path, capsys):
-    assert sample.windows([-1] * 3 + [0] * 5 + [1] * 4, 6) == [(0, 3), (3, 8), (8, 12)]  # cut where messages start
-    assert sample.windows([0] * 10, 4) == [(0, 4), (4, 8), (8, 10)]  # inside a message only if it alone is longer
+    assert windows([-1] * 3 + [0] * 5 + [1] * 4, 6) == [(0, 3), (3, 8), (8, 12)]  # cut where messages start
+    assert windows([0] * 10, 4) == [(0, 4), (4, 8), (8, 10)]  # inside a message only if it alone is longer
     model, tok, args = setup(tiny_ckpt, adapter)
     messages = [{"role": "user", "content": f"Fact {i}: the {i}th box holds {i * 7} red marbles."} for i in range(16)]
     ids, seg = chat_with_segments(tok, messages)
     L = model.config.max_position_embeddings
     assert len(ids) > L
-    mem, n = sample.write_messages(model, tok, sample.new_memory(model), messages, L)
-    spans = sample.windows(seg, L)
+    mem, n = sample.remember(model, tok, sample.new_memory(model), messages, L)
+    spans = windows(seg, L)
     assert n == len(spans) >= 2 and all(0 < b - a <= L for a, b in spans)
     state = None
     for a, b in spans:  # one forward per window, the state carried, no KV cache
@@ -204,8 +206,8 @@ def test_history_longer_than_the_context_is_written_in_windows(tiny_ckpt, adapte
     path = tmp_path / "long.json"
     path.write_text(json.dumps(messages[:6]))
     _, err = run_main(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--history", str(path), "--window", "64",
-                       "--save-state", str(tmp_path / "s.safetensors")], capsys)
-    n = len(sample.windows(chat_with_segments(tok, messages[:6])[1], 64))
+                       "--state", str(tmp_path / "s.safetensors")], capsys)
+    n = len(windows(chat_with_segments(tok, messages[:6])[1], 64))
     assert n > 1 and f"in {n} windows of at most 64 tokens, attention not spanning windows" in err  # says how
 
 
@@ -244,10 +246,9 @@ def test_corrupt_or_truncated_files_are_one_line_errors(tiny_ckpt, adapter, tmp_
     bad_config = tmp_path / "config.safetensors"
     save_state(bad_config, [torch.zeros(1, 1, 8, 8) for _ in range(2)], model, {"deltamem_config": '{"write": "xyz"}'})
     expect = {**{name: "not a readable safetensors file" for name in cases}, "shape.safetensors": "layers.0 is",
-              "nan.safetensors": "NaN", "config.safetensors": "deltamem_config: unknown write mode 'xyz'",
-              "missing.safetensors": "not found"}
+              "nan.safetensors": "NaN", "config.safetensors": "deltamem_config: unknown write mode 'xyz'"}
     for name, message in expect.items():
-        got = one_line_error(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--load-state",
+        got = one_line_error(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--state",
                               str(tmp_path / name), "--prompt", "hi"], capsys)
         assert got.startswith(f"error: {tmp_path / name}: ") and message in got, got
     (tmp_path / "adapter.safetensors").write_bytes(adapter.read_bytes()[:-100])  # truncated adapter
@@ -259,15 +260,15 @@ def test_corrupt_or_truncated_files_are_one_line_errors(tiny_ckpt, adapter, tmp_
 def test_interrupted_save_leaves_the_previous_file(tiny_ckpt, adapter, tmp_path, monkeypatch):
     model, tok, args = setup(tiny_ckpt, adapter)
     path = tmp_path / "s.safetensors"
-    before, _ = sample.write_messages(model, tok, sample.new_memory(model), [{"role": "user", "content": "a"}], 512)
+    before, _ = sample.remember(model, tok, sample.new_memory(model), [{"role": "user", "content": "a"}], 512)
     sample.save_memory(path, before, model, args)
-    after, _ = sample.write_messages(model, tok, before, [{"role": "user", "content": "b"}], 512)
+    after, _ = sample.remember(model, tok, before, [{"role": "user", "content": "b"}], 512)
 
     def interrupted(tensors, filename, metadata=None):  # half a file written, then Ctrl-C
         Path(filename).write_bytes(b"\x00" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deltamem, "save_file", interrupted)
+    monkeypatch.setattr(deltamem_io, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sample.save_memory(path, after, model, args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temporary file left behind
@@ -307,12 +308,30 @@ def test_no_mem_answers_with_the_frozen_backbone(tiny_ckpt, adapter, tmp_path, c
 
 @pytest.mark.parametrize("flags, message", [
     (["--history", "h.txt", "--prompt", "x"], "--history needs --adapter"),
-    (["--adapter", "a", "--no-mem", "--save-state", "s", "--prompt", "x"], "--no-mem has no state"),
-    (["--adapter", "a", "--state", "s", "--load-state", "t"], "--state already loads and saves"),
+    (["--adapter", "a", "--no-mem", "--state", "s", "--prompt", "x"], "--no-mem has no state"),
+    (["--state", "s", "--prompt", "x"], "--state needs --adapter"),
     (["--adapter", "a"], "nothing to do"),
+    (["--adapter", "a", "--history", "h.txt"], "nothing to do"),
     (["--chat", "--prompt", "x"], "give one of them"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or more, got -1.0"),
+    (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    (["--prompt", "x", "--top-k", "0"], "--top-k must be at least 1, got 0"),
 ])
 def test_conflicting_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_bad_destinations_and_checkpoints_fail_before_any_work(tiny_ckpt, adapter, tmp_path, capsys):
+    history = tmp_path / "h.txt"
+    history.write_text("My favourite colour is pink.")
+    nowhere = tmp_path / "nonexistent" / "dir" / "me.safetensors"
+    message = one_line_error(["--ckpt", str(tiny_ckpt), "--adapter", str(adapter), "--history", str(history),
+                              "--state", str(nowhere)], capsys)
+    assert message == f"error: {nowhere}: directory {nowhere.parent} does not exist"
+    assert not (tmp_path / "nonexistent").exists()
+    raw_hf = FIXTURES / "hf_llama"  # config.json + model.safetensors, no tokenizer files
+    message = one_line_error(["--ckpt", str(raw_hf), "--prompt", "hi"], capsys)
+    assert "not a converted checkpoint (no tokenizer.json, tokenizer_config.json)" in message
+    assert f"python load_hf_weights.py --hf {raw_hf} --out checkpoints/NAME" in message

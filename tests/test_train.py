@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from data import TaskConfig, episodes, make_batch
+from data import TaskConfig, episode_loss, episodes, make_batch
 from tokenizer import load_tokenizer
 
 
@@ -55,13 +55,13 @@ def test_training_steps_reduce_the_loss_through_the_state(tiny_ckpt, tmp_path):
     b = make_batch(tok, episodes(cfg.task(), "train", 4, seed=0), device)
     losses = []
     for _ in range(15):
-        ce, beta_term, n, _, _ = train.episode_loss(model, b, cfg)
-        (ce / n + beta_term).backward()
+        out = episode_loss(model, b, cfg.beta_weight, cfg.beta_target)
+        (out["ce"] / out["tokens"] + out["beta_term"]).backward()
         mem = model.model.layers[0].self_attn.delta_mem
         assert mem.memory_k_proj.weight.grad.abs().sum() > 0  # only reachable through the written state
         opt.step()
         opt.zero_grad()
-        losses.append((ce / n).item())
+        losses.append((out["ce"] / out["tokens"]).item())
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -102,10 +102,23 @@ def test_main_end_to_end(tiny_ckpt, tmp_path):
 def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint to resume from"):
         train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--resume", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="config.json: not found"):
+    with pytest.raises(SystemExit, match="nowhere: no such checkpoint directory; make one with python load_hf_weights"):
         train.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--device", "cpu"])
     with pytest.raises(SystemExit):  # argparse: invalid choice
         train.main(["--write", "xyz"])
+    run = tmp_path / "r2"
+    run.mkdir()
+    cfg = config(tiny_ckpt, tmp_path)
+    model, tok, device, autocast = train.setup(cfg)
+    train.save_checkpoint(run / "ckpt.pt", model, torch.optim.AdamW(train.adapter_parameters(model).values()), cfg,
+                          1, [])
+    data = (run / "ckpt.pt").read_bytes()
+    (run / "ckpt.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(SystemExit) as e:
+        train.main(["--ckpt", str(tiny_ckpt), "--out", str(run), "--resume", "--device", "cpu"])
+    assert str(e.value.code) == (f"error: {run / 'ckpt.pt'}: not a readable checkpoint (truncated or corrupt); "
+                                 f"delete it to start afresh")
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt"]  # nothing else written
 
 
 def test_every_flag_has_help(capsys):
