@@ -13,8 +13,10 @@ asks; "unseen" asks values that never occur in training at all.
 objective on them (shared by train.py, evaluate.py and bench.py). `write_messages` writes any chat messages into a
 state the same way, in windows for long histories (sample.py, LoCoMo).
 """
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +86,8 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
     return f"It's {value}." if cfg.answer == "short" else f"Your favourite {attribute} is {value}."
 
 
-def make_episode(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
-    """One episode: history messages, the question, the answer, and the value asked about."""
+def make_chat(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
+    """One chat record: {"messages": history + question + answer, "value": the value asked about}."""
     attributes = rng.sample(cfg.names, cfg.facts)
     asked = attributes[0]
     facts = {a: rng.choice(value_pool(cfg, a, split, asked=a == asked)) for a in attributes}
@@ -95,15 +97,112 @@ def make_episode(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
         user, assistant = rng.choice(FILLER)
         turns.insert(rng.randint(1, len(turns)), [{"role": "user", "content": user},
                                                   {"role": "assistant", "content": assistant}])
-    return {"history": [m for turn in turns for m in turn],
-            "question": f"What is my favourite {asked}?",
-            "answer": answer_text(cfg, asked, facts[asked]),
+    return {"messages": [m for turn in turns for m in turn] + [
+                {"role": "user", "content": f"What is my favourite {asked}?"},
+                {"role": "assistant", "content": answer_text(cfg, asked, facts[asked])}],
             "value": facts[asked]}
 
 
-def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
+def chats(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
+    """n chat records of `split`, the same for the same seed."""
     rng = random.Random(f"{split}-{seed}")
-    return [make_episode(rng, cfg, split) for _ in range(n)]
+    return [make_chat(rng, cfg, split) for _ in range(n)]
+
+
+def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
+    """n episodes of the task: each chat's history written, its question read, its answer the target (+ the value)."""
+    return [{**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"]}
+            for c in chats(cfg, split, n, seed)]
+
+
+# ----------------------------------------------------------------------------- chats -> episodes
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class EpisodeConfig:
+    """How a chat becomes training episodes (the official trainer's episode mode; its launch script's values)."""
+    supervise: str = "last"  # last: the chat's final assistant message is the target; all: every assistant message
+    recent_messages: int = 1  # non-system messages just before the target kept visible in the read pass
+    write_len: int = 8192  # written tokens kept, the most recent ones
+    state_only_prob: float = 0.0  # chance that only the question turn stays visible (the rest is written instead)
+
+    def __post_init__(self):
+        if self.supervise not in ("last", "all"):
+            raise ValueError(f"supervise must be 'last' or 'all', not {self.supervise!r}")
+        if self.recent_messages < 0 or self.write_len < 1 or not 0 <= self.state_only_prob <= 1:
+            raise ValueError("need recent_messages >= 0, write_len >= 1 and 0 <= state_only_prob <= 1")
+
+
+def check_chat(messages, where: str) -> list[dict]:
+    """A chat's messages, each {"role": system/user/assistant, "content": non-empty text}, with at least one assistant
+    message; anything else is one ValueError naming `where`."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: message {i} needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: message {i} has unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValueError(f"{where}: message {i} has empty content")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: message {i} is not UTF-8 text") from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no assistant message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_chats(path) -> list[list[dict]]:
+    """Chats from a .json file holding a list of {"messages": [...]} records, or a .jsonl file with one per line; a
+    malformed record is one error naming the file and the record number (from 1)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        if path.suffix == ".jsonl":
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            records = [(n, json.loads(line)) for n, line in lines]
+        else:
+            data = json.loads(text)
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of records (or use .jsonl, one record per line)")
+            records = list(enumerate(data, 1))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    chats = []
+    for n, record in records:
+        if not isinstance(record, dict) or "messages" not in record:
+            raise ValueError(f"{path}: record {n}: expected an object with 'messages'")
+        chats.append(check_chat(record["messages"], f"{path}: record {n}"))
+    return chats
+
+
+def chat_episodes(messages: list[dict], cfg: EpisodeConfig, rng: random.Random | None) -> list[dict]:
+    """The episodes of one chat, one per supervised assistant message: {"write": messages written into the state,
+    "read": messages visible in the read pass, "target": the assistant reply to learn}. A leading system message
+    stays in the read pass and is not written; the last `recent_messages` non-system messages before the target stay
+    visible and the earlier ones are written (with probability state_only_prob only the question turn stays
+    visible). A target with nothing before it to write gives no episode (the state would play no part)."""
+    targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    out = []
+    for i in targets[-1:] if cfg.supervise == "last" else targets:
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        rest = [m for m in messages[len(system):i] if m["role"] != "system"]
+        state_only = cfg.state_only_prob > 0 and rng.random() < cfg.state_only_prob
+        keep = min(cfg.recent_messages, 1) if state_only else cfg.recent_messages
+        split = max(0, len(rest) - keep)
+        if split == 0:
+            continue
+        out.append({"write": rest[:split], "read": system + rest[split:], "target": messages[i]["content"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- episodes -> tensors
@@ -118,13 +217,17 @@ def chat_with_segments(tok, messages: list[dict[str, str]]) -> tuple[list[int], 
     return ids, seg
 
 
-def value_span(tok, ep) -> tuple[list[int], int, int]:
-    """Answer ids (+ <|im_end|>) and the [start, end) of the value's tokens in them."""
-    head = ep["answer"][: ep["answer"].rindex(" " + ep["value"])]
-    ids = tok.encode(ep["answer"]) + [tok.added["<|im_end|>"]]
+def target_ids(tok, ep) -> list[int]:
+    """The target reply's ids, ending with <|im_end|> (the model must learn to stop)."""
+    return tok.encode(ep["target"]) + [tok.added["<|im_end|>"]]
+
+
+def value_span(tok, ep) -> tuple[int, int]:
+    """[start, end) of the value's tokens in target_ids (synthetic episodes, which know their value)."""
+    head = ep["target"][: ep["target"].rindex(" " + ep["value"])]
     start, end = len(tok.encode(head)), len(tok.encode(head + " " + ep["value"]))
-    assert ids[:end] == tok.encode(head + " " + ep["value"]), "the value must be whole tokens of the answer"
-    return ids, start, end
+    assert target_ids(tok, ep)[:end] == tok.encode(head + " " + ep["value"]), "the value must be whole tokens"
+    return start, end
 
 
 def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
@@ -132,16 +235,20 @@ def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
     return torch.tensor([[value] * (T - len(r)) + r if left else r + [value] * (T - len(r)) for r in rows])
 
 
-def make_batch(tok, eps: list[dict], device) -> dict:
-    """Write pass (history, segment ids) and read pass (question + answer, labels on the answer) tensors."""
-    hist = [chat_with_segments(tok, ep["history"]) for ep in eps]
+def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> dict:
+    """Write pass (the written messages, at most the last write_len tokens, with SSW segment ids) and read pass (the
+    visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value."""
+    hist = [chat_with_segments(tok, ep["write"]) for ep in eps]
+    if write_len:
+        hist = [(ids[-write_len:], seg[-write_len:]) for ids, seg in hist]
     read, labels, value_pos = [], [], []
     for ep in eps:
-        prompt = tok.encode_chat([{"role": "user", "content": ep["question"]}])
-        answer, start, end = value_span(tok, ep)
+        prompt, answer = tok.encode_chat(ep["read"]), target_ids(tok, ep)
         read.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
-        value_pos.append((len(prompt) + start, len(prompt) + end))
+        if "value" in ep:
+            start, end = value_span(tok, ep)
+            value_pos.append((len(prompt) + start, len(prompt) + end))
     t = dict(write=pad([h[0] for h in hist], 0), segments=pad([h[1] for h in hist], -1),
              write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
              read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100))
@@ -201,3 +308,27 @@ def write_messages(model, tok, state: list, messages: list[dict], window: int) -
         _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device))
     return state, len(ids), len(spans)
 
+
+
+# ----------------------------------------------------------------------------- the task as a chat file
+
+def main(argv=None):
+    """Write chats of the synthetic task as a .jsonl file of {"messages": [...], "value": ...} records, the format
+    `train.py --data` and `evaluate.py --data` read."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--split", default="train", choices=("train", "valid", "test", "unseen"))
+    p.add_argument("--n", type=int, default=1000, help="chats")
+    p.add_argument("--seed", type=int, default=0)
+    for f in fields(TaskConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    task = TaskConfig(**{f.name: getattr(args, f.name) for f in fields(TaskConfig)})
+    lines = [json.dumps(c, ensure_ascii=False) for c in chats(task, args.split, args.n, args.seed)]
+    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.n} {args.split} chats to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

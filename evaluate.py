@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from data import TaskConfig, chat_with_segments, episodes, make_batch, pad, value_span, write_messages, write_pass
+from data import (TaskConfig, chat_with_segments, episodes, make_batch, pad, target_ids, value_span, write_messages,
+                  write_pass)
 from deltamem import zero_state
 from deltamem_io import load_adapter, read_safetensors
 from load_hf_weights import checkpoint_dir
@@ -92,9 +93,9 @@ def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, condi
             s = None if not written else [x.roll(1, 0) for x in state] if shuffled else state
             with autocast():
                 exact, value = answer_episodes(model, tok, group, s, in_context, device, greedy)
-            donors = [group[(j - 1) % len(group)]["answer"] for j in range(len(group))]
+            donors = [group[(j - 1) % len(group)]["target"] for j in range(len(group))]
             c = counts[name]
-            c["exact"] += sum(a == ep["answer"] for a, ep in zip(exact, group))
+            c["exact"] += sum(a == ep["target"] for a, ep in zip(exact, group))
             c["donor"] += sum(a == d for a, d in zip(exact, donors))
             c["value"] += sum(value)
             c["n"] += len(group)
@@ -108,9 +109,8 @@ def answer_episodes(model, tok, group, state, in_context: bool, device, greedy=T
     """Greedy answers (text; empty if not greedy) and whether teacher forcing puts the argmax on every value token."""
     prompts, full, spans = [], [], []
     for ep in group:
-        messages = (ep["history"] if in_context else []) + [{"role": "user", "content": ep["question"]}]
-        prompt = tok.encode_chat(messages)
-        answer, start, end = value_span(tok, ep)
+        prompt = tok.encode_chat((ep["write"] if in_context else []) + ep["read"])
+        answer, (start, end) = target_ids(tok, ep), value_span(tok, ep)
         prompts.append(prompt)
         full.append(prompt + answer)
         spans.append((len(prompt) + start, len(prompt) + end))
@@ -190,7 +190,7 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
     forgetting = {}
     for f in fillers:
         t = TaskConfig(**{**vars(task), "facts": 1, "filler": f})
-        after = [len(chat_with_segments(tok, ep["history"][1:])[0]) for ep in episodes(t, "valid", n, seed)]
+        after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in episodes(t, "valid", n, seed)]
         forgetting[f] = {**point(t), "tokens_after": sum(after) / n}
     return {"capacity": capacity, "forgetting": forgetting, "n": n}
 

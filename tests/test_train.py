@@ -25,24 +25,25 @@ def test_episode_tensors(tiny_ckpt):
     eps = episodes(TaskConfig(filler=2), "train", 3, seed=0)
     b = make_batch(tok, eps, "cpu")
     for i, ep in enumerate(eps):
-        n = len(tok.encode_chat([{"role": "user", "content": ep["question"]}]))
-        answer = tok.encode(ep["answer"]) + [tok.added["<|im_end|>"]]
+        prompt = tok.encode_chat(ep["read"])
+        answer = tok.encode(ep["target"]) + [tok.added["<|im_end|>"]]
         read = b["read"][i][b["read_real"][i]].tolist()
-        assert read == tok.encode_chat([{"role": "user", "content": ep["question"]}]) + answer  # no history in it
+        assert read == prompt + answer  # the question only: no history in it
         labels = b["labels"][i]
+        n = len(prompt)
         assert labels[:n].eq(-100).all() and labels[n:n + len(answer)].tolist() == answer  # loss on the answer only
         assert labels[n + len(answer):].eq(-100).all()
         s, e = b["value_pos"][i]
         assert tok.decode(read[s:e]) == " " + ep["value"]
         seg = b["segments"][i][b["write_real"][i]].tolist()
-        assert sorted(set(seg)) == list(range(len(ep["history"])))  # one id per message, no system prompt
+        assert sorted(set(seg)) == list(range(len(ep["write"])))  # one id per message, no system prompt
         assert seg == sorted(seg)  # each message's tokens are contiguous
 
 
 def test_splits_keep_their_promises():
     cfg = TaskConfig()
-    asked = lambda split: {(e["question"], e["value"]) for e in episodes(cfg, split, 300, seed=1)}
-    train_values = {v for e in episodes(cfg, "train", 300, seed=1) for m in e["history"] for v in [m["content"]]}
+    asked = lambda split: {(e["read"][0]["content"], e["value"]) for e in episodes(cfg, split, 300, seed=1)}
+    train_values = {m["content"] for e in episodes(cfg, "train", 300, seed=1) for m in e["write"]}
     assert not asked("test") & asked("train")  # held-out pairs are never asked in training...
     assert all(any(v in h for h in train_values) for _, v in asked("test"))  # ...but training histories mention them
     assert not any(v in h for _, v in asked("unseen") for h in train_values)  # unseen values never occur at all
