@@ -190,17 +190,17 @@ def chat_episodes(messages: list[dict], cfg: EpisodeConfig, rng: random.Random |
     "read": messages visible in the read pass, "target": the assistant reply to learn}. A leading system message
     stays in the read pass and is not written; the last `recent_messages` non-system messages before the target stay
     visible and the earlier ones are written (with probability state_only_prob only the question turn stays
-    visible). A target with nothing before it to write gives no episode (the state would play no part)."""
+    visible). A target with nothing before it to write gives no episode (the state would play no part), so the number
+    of episodes does not depend on `rng`."""
     targets = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     out = []
     for i in targets[-1:] if cfg.supervise == "last" else targets:
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = [m for m in messages[len(system):i] if m["role"] != "system"]
-        state_only = cfg.state_only_prob > 0 and rng.random() < cfg.state_only_prob
-        keep = min(cfg.recent_messages, 1) if state_only else cfg.recent_messages
-        split = max(0, len(rest) - keep)
-        if split == 0:
+        if len(rest) <= cfg.recent_messages:
             continue
+        state_only = cfg.state_only_prob > 0 and rng.random() < cfg.state_only_prob
+        split = len(rest) - (min(cfg.recent_messages, 1) if state_only else cfg.recent_messages)
         out.append({"write": rest[:split], "read": system + rest[split:], "target": messages[i]["content"]})
     return out
 

@@ -1,19 +1,22 @@
-"""Does the δ-mem state remember? Evaluate trained adapters against controls, on data.py's task and on LoCoMo.
+"""Does the δ-mem state remember? Evaluate trained adapters against controls, on data.py's task and on chat data.
 
     python evaluate.py runs/tsw/adapter.safetensors                     # conditions (a)–(e), 3 splits, Wilson 95%
     python evaluate.py runs/tsw/adapter.safetensors runs/ssw/adapter.safetensors --curves   # capacity, forgetting
-    python evaluate.py runs/tsw/adapter.safetensors --locomo locomo10.json --recent 256      # token F1 on LoCoMo
+    python evaluate.py runs/tsw/adapter.safetensors --data heldout.jsonl                    # replies to real chats
+    python evaluate.py runs/tsw/adapter.safetensors --locomo locomo10.json --recent-messages 8   # LoCoMo
 
-Conditions (train.py's final evaluation uses the same code): (a) frozen backbone, question only (the floor: a zero
-state reads 0, so δ-mem adds nothing); (b) frozen backbone with the history in context; (c) δ-mem state only;
+On data.py's task (train.py's final evaluation uses the same code): (a) frozen backbone, question only (the floor: a
+zero state reads 0, so δ-mem adds nothing); (b) frozen backbone with the history in context; (c) δ-mem state only;
 (d) a shuffled state, written from another episode's history (the informative control); (e) state + history.
-LoCoMo (Maharana et al., 2024) is read from the public JSON; see `load_locomo` and `token_f1` for how our score
-differs from the official scorer.
+On chats (--data, and LoCoMo, read from its public JSON by `load_locomo`): the generated reply against the reference
+with the recent messages only, with the state, with a shuffled state, and with the whole history in context; see
+`token_f1` for how our score differs from LoCoMo's official scorer.
 """
 import argparse
 import json
 import math
 import os
+import random
 import re
 import string
 import sys
@@ -23,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from data import (TaskConfig, chat_with_segments, episodes, make_batch, pad, target_ids, value_span, write_messages,
-                  write_pass)
+from data import (EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, episodes, make_batch, pad,
+                  read_chats, target_ids, value_span, write_messages, write_pass)
 from deltamem import zero_state
 from deltamem_io import load_adapter, read_safetensors
 from load_hf_weights import checkpoint_dir
@@ -275,44 +278,96 @@ def token_f1(prediction: str, answer) -> float:
     return 2 * precision_ * recall / (precision_ + recall)
 
 
-def recent_messages(tok, messages: list[dict], budget: int) -> list[dict]:
-    """The most recent whole messages that fit in `budget` tokens."""
-    kept, used = [], 0
-    for m in reversed(messages):
-        used += len(tok.encode_message(m))
-        if used > budget:
-            break
-        kept.insert(0, m)
-    return kept
+def locomo_episodes(samples: list[dict], recent_messages: int) -> list[dict]:
+    """Every scored LoCoMo question as an episode of its conversation: the last `recent_messages` messages visible,
+    the earlier ones written, the question asked ("... Answer briefly."), the gold answer the reference."""
+    out = []
+    for s in samples:
+        split = max(0, len(s["messages"]) - recent_messages)
+        for q in s["qa"]:
+            ask = {"role": "user", "content": f"{q['question']} Answer briefly."}
+            out.append({"write": s["messages"][:split], "read": s["messages"][split:] + [ask],
+                        "target": str(q["answer"]), "category": str(q["category"])})
+    return out
+
+
+DATA_CONDITIONS = {  # name -> (state: None / "own" / "shuffled", written messages also in context)
+    "recent_only": (None, False),
+    "state_and_recent": ("own", False),
+    "shuffled_state_and_recent": ("shuffled", False),
+    "full_history_in_context": (None, True),
+}
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean."""
+    n = len(xs)
+    if n < 2:
+        return (0.0, 1.0)
+    m = sum(xs) / n
+    half = 1.96 * math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+    return (max(0.0, m - half), min(1.0, m + half))
 
 
 @torch.no_grad()
-def locomo_eval(model, tok, samples: list[dict], recent: int, window: int, device, autocast, batch_size=8,
-                max_new_tokens=24) -> dict:
-    """Mean token F1 per category (1–4) and overall for: the backbone with only the `recent` most recent tokens in
-    context, the same with the conversation's δ-mem state, and with another conversation's state (control)."""
-    states = []
-    for s in samples:  # written exactly as sample.py writes a --history, in windows of `window` tokens
-        with autocast():
-            states.append(write_messages(model, tok, zero_state(model), s["messages"], window)[0])
-    names = ("backbone", "deltamem", "shuffled_state")
-    scores = {name: {} for name in names}
-    for i, s in enumerate(samples):
-        context = recent_messages(tok, s["messages"], recent)
-        for j in range(0, len(s["qa"]), batch_size):
-            qa = s["qa"][j:j + batch_size]
-            prompts = [tok.encode_chat(context + [{"role": "user", "content": f"{q['question']} Answer briefly."}])
-                       for q in qa]
-            for name, st in zip(names, (None, states[i], states[(i + 1) % len(samples)])):
-                batch_state = None if st is None else [x.expand(len(qa), -1, -1, -1) for x in st]
+def data_evaluation(model, tok, eps: list[dict], device, autocast, out: Path | None = None, window: int = 2048,
+                    max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+    """Generated replies against the reference targets, per condition (DATA_CONDITIONS): exact match (normalised
+    words equal; Wilson 95%) and token F1 (mean, normal 95%), overall and per `category` where episodes have one.
+    Each episode's written messages go into a fresh state as data.write_messages writes them (windows of `window`
+    tokens); the shuffled control reads the state of the next episode with another history. The full history in context is scored only on
+    the episodes it fits in the model's context (its n says how many)."""
+    limit = model.config.max_position_embeddings - max_new_tokens
+    keys = [json.dumps(ep["write"]) for ep in eps]
+    donors = [next((k for k in [*range(i + 1, len(eps)), *range(i)] if keys[k] != keys[i]), i) for i in range(len(eps))]
+    states, cache = [], {}
+    progress = Progress(len(eps) * (1 + len(DATA_CONDITIONS)))
+    for i, ep in enumerate(eps):  # histories shared by several episodes (LoCoMo) are written once
+        key = keys[i]
+        if key not in cache:
+            with autocast():
+                cache[key] = write_messages(model, tok, zero_state(model), ep["write"], window)[0]
+        states.append(cache[key])
+        if (i + 1) % batch_size == 0 or i + 1 == len(eps):
+            progress.step((i % batch_size) + 1, "writing the histories")
+    scores = {}
+    for name, (which, in_context) in DATA_CONDITIONS.items():
+        rows = []
+        for j in range(0, len(eps), batch_size):
+            group = list(range(j, min(j + batch_size, len(eps))))
+            prompts = [tok.encode_chat((eps[k]["write"] if in_context else []) + eps[k]["read"]) for k in group]
+            keep = [k for k, p in zip(group, prompts) if len(p) <= limit]
+            prompts = [p for p in prompts if len(p) <= limit]
+            if prompts:
+                source = {"own": keep, "shuffled": [donors[k] for k in keep]}.get(which)
+                state = None if source is None else [torch.cat([states[k][l] for k in source])
+                                                     for l in range(len(model.model.layers))]
                 with autocast():
-                    answers = generate_answers(model, tok, prompts, batch_state, max_new_tokens, device)
-                for q, a in zip(qa, answers):
-                    scores[name].setdefault(str(q["category"]), []).append(token_f1(a, q["answer"]))
-    mean = lambda xs: sum(xs) / len(xs)
-    return {name: {**{c: mean(v) for c, v in sorted(per.items())},
-                   "overall": mean([x for v in per.values() for x in v]), "n": sum(map(len, per.values()))}
-            for name, per in scores.items()}
+                    replies = generate_answers(model, tok, prompts, state, max_new_tokens, device)
+                rows += [(eps[k], r) for k, r in zip(keep, replies)]
+            progress.step(len(group), name)
+        scores[name] = score_replies(rows)
+    for name, sc in scores.items():
+        print(f"{name:28} n={sc['n']:4d}  exact {sc['exact']:6.1%} [{sc['exact_ci'][0]:.0%},{sc['exact_ci'][1]:.0%}]"
+              f"  F1 {sc['f1']:6.1%} [{sc['f1_ci'][0]:.0%},{sc['f1_ci'][1]:.0%}]")
+    if out is not None:
+        (out / "eval.json").write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def score_replies(rows: list[tuple[dict, str]]) -> dict:
+    """Exact match and token F1 of (episode, reply) pairs, overall and per category."""
+    def score(pairs):
+        exact = [normalize_answer(r) == normalize_answer(ep["target"]) for ep, r in pairs]
+        f1 = [token_f1(r, ep["target"]) for ep, r in pairs]
+        n = len(pairs)
+        return dict(n=n, exact=sum(exact) / max(n, 1), exact_ci=wilson(sum(exact), n), f1=sum(f1) / max(n, 1),
+                    f1_ci=mean_ci(f1))
+    result = score(rows)
+    categories = sorted({ep["category"] for ep, _ in rows if "category" in ep})
+    if categories:
+        result["categories"] = {c: score([(ep, r) for ep, r in rows if ep.get("category") == c]) for c in categories}
+    return result
 
 
 # ----------------------------------------------------------------------------- command line
@@ -330,9 +385,13 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
     p.add_argument("--seed", type=int, default=0, help="which episodes: the evaluation draws them from seed + 1")
     p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table")
-    p.add_argument("--locomo", help="a LoCoMo JSON file: token F1 instead of the conditions table")
-    p.add_argument("--recent", type=int, default=256, help="LoCoMo: tokens of the most recent turns kept in context")
-    p.add_argument("--window", type=int, default=1024, help="LoCoMo: tokens per write window")
+    p.add_argument("--data", help="a .json/.jsonl chat file: exact match and token F1 of the replies per condition")
+    p.add_argument("--locomo", help="a LoCoMo JSON file: the same, per question category")
+    p.add_argument("--recent-messages", type=int, default=1, help="--data, --locomo: messages before the question "
+                                                                  "left visible; the earlier ones are written")
+    p.add_argument("--supervise", choices=["last", "all"], default="last", help="--data: which replies to score")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--data, --locomo: longest reply")
+    p.add_argument("--window", type=int, default=2048, help="--data, --locomo: tokens per write window")
     p.add_argument("--out", default=".", help="directory for the JSON and PNG outputs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -343,35 +402,38 @@ def main(argv=None):
     device, dtype = configure(args.device, args.dtype, args.threads)
     autocast = lambda: precision(device, dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         ckpt = checkpoint_dir(args.ckpt)
         tok = load_tokenizer(ckpt)
-        samples = load_locomo(args.locomo) if args.locomo else None
+        eps = None
+        if args.data:
+            ecfg = EpisodeConfig(supervise=args.supervise, recent_messages=args.recent_messages)
+            eps = [ep for c in read_chats(args.data) for ep in chat_episodes(c, ecfg, random.Random(0))]
+        elif args.locomo:
+            eps = locomo_episodes(load_locomo(args.locomo), args.recent_messages)
+        out.mkdir(parents=True, exist_ok=True)
         results = {}
         for adapter in args.adapters:
             model = load_adapter(load_model(ckpt, device, dtype), adapter)
             name = f"{model.delta_mem_config.write} ({Path(adapter).parent.name})"
-            if samples is not None:
-                results[name] = locomo_eval(model, tok, samples, args.recent, args.window, device, autocast)
-                print(name, json.dumps(results[name], indent=1))
+            print(name)
+            where = out if len(args.adapters) == 1 else out / Path(adapter).parent.name
+            where.mkdir(parents=True, exist_ok=True)
+            if eps is not None:
+                results[name] = data_evaluation(model, tok, eps, device, autocast, where, args.window,
+                                                args.max_new_tokens)
             elif args.curves:
                 results[name] = curves(model, tok, task_of(adapter), args.episodes, args.seed, device, autocast)
-                print(name, json.dumps(results[name]))
+                print(json.dumps(results[name]))
             else:
-                print(name)
-                where = out if len(args.adapters) == 1 else out / Path(adapter).parent.name
-                where.mkdir(parents=True, exist_ok=True)
                 results[name] = final_evaluation(model, tok, task_of(adapter), args.episodes, args.seed, device,
                                                  autocast, where)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    kind = "locomo" if samples is not None else "curves" if args.curves else None
-    if kind:
-        (out / f"{kind}.json").write_text(json.dumps(results, indent=2))
-        if args.curves:
-            plot_curves(results, out / "curves.png")
-        print(f"wrote {out / kind}.json" + (" and curves.png" if args.curves else ""))
+    if args.curves:
+        (out / "curves.json").write_text(json.dumps(results, indent=2))
+        plot_curves(results, out / "curves.png")
+        print(f"wrote {out / 'curves.json'} and curves.png")
 
 
 if __name__ == "__main__":

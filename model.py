@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 State = list[torch.Tensor]  # δ-mem: one state (B, n, r, r) per layer, see deltamem.py
 
@@ -104,8 +105,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
@@ -234,6 +234,7 @@ class Transformer(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.grad_checkpoint = False  # True: keep only each block's input, recompute the rest in the backward
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -268,8 +269,10 @@ class Transformer(nn.Module):
             mask = attention_mask(key_real, start)
         call = MemoryCall(real, pad_mask is not None, write, segment_ids, betas)
         new_state = []
+        recompute = self.grad_checkpoint and torch.is_grad_enabled()
         for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
-            x, layer_state = block(x, cos, sin, mask, cache, layer_state, call)
+            args = (x, cos, sin, mask, cache, layer_state, call)  # a recomputation appends to call.betas again, unused
+            x, layer_state = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
             new_state.append(layer_state)
         if cache is not None:
             cache.pos += T

@@ -1,33 +1,44 @@
 """Fit a δ-mem adapter on a frozen backbone, then evaluate whether its state remembers.
 
-    python train.py --write tsw                       # the embedded SmolLM2-135M on CPU
-    python train.py --write ssw --ckpt checkpoints/qwen3-4b --episodes 2240 --batch-size 32   # one GPU
+    python train.py --write tsw                       # the embedded SmolLM2-135M on CPU, data.py's task
+    python train.py --data chats.jsonl --eval-data heldout.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
+    torchrun --nproc_per_node 8 train.py --data chats.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
 
 An episode (the paper's training section; the official trainer): reset the state; write pass over the chat history
 (its messages in ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question
 + answer with writes off and WITHOUT the history in context; loss = cross-entropy on the answer tokens + beta_weight ·
 mean over layers of (mean β − beta_target)², with gradients through the state into the whole write pass
-(data.episode_loss). The task is data.py's facts-in-a-chat. The final evaluation is evaluate.py's: on held-out episodes, the frozen backbone (question only;
-history in context), the δ-mem state alone, a shuffled state (another episode's, the informative control) and state
-+ history, with Wilson 95% intervals.
+(data.episode_loss). Episodes come from chats (data.chat_episodes): data.py's synthetic facts-in-a-chat task by
+default, or --data, a file of {"messages": [...]} chats. The final evaluation is evaluate.py's: on held-out episodes,
+the frozen backbone (question only; history in context), the δ-mem state alone, a shuffled state (another episode's,
+the informative control) and state + history, with 95% intervals.
+
+Under torchrun, every rank takes its share of each step's episodes and DistributedDataParallel averages the
+adapter's gradients (nccl on CUDA, gloo on CPU); the frozen backbone is loaded by every rank and never synchronised.
+Only rank 0 logs, evaluates and writes checkpoints; a checkpoint resumes with any number of ranks.
 """
 import argparse
 import inspect
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-from data import TaskConfig, episode_loss, episodes, make_batch
+from data import EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
 from deltamem_io import atomic_path, base_model_id, save_adapter
-from evaluate import CONDITIONS, evaluate, final_evaluation, pyplot
+from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot
 from load_hf_weights import checkpoint_dir
 from model import load_model
 from runtime import DTYPES, HelpFormatter, configure, precision
@@ -40,7 +51,14 @@ class TrainConfig:
     write: str = "tsw"  # tsw: every token writes; ssw: one write per message; msw: 4 states, every token
     rank: int = 8  # r: each state is r x r
     beta_bias_init: float = -4.0  # initial write-gate bias: β = sigmoid(-4) = 0.018, a fact keeps ~0.98 per later token (paper: -1.5)
-    # task (data.py)
+    # data: data.py's task, or chats from a file
+    data: str | None = None  # a .json/.jsonl file of {"messages": [...]} chats to train on; leave out for data.py's task
+    eval_data: str | None = None  # with --data: held-out chats for the final evaluation (evaluate.py --data)
+    supervise: str = "last"  # last: each chat's final assistant message is the target; all: every assistant message
+    recent_messages: int = 1  # messages before the target left visible in the read pass; earlier ones are written
+    write_len: int = 8192  # written tokens kept per episode (the most recent)
+    state_only_prob: float = 0.0  # chance that only the question turn stays visible and the rest is written
+    # data.py's task
     attributes: int = 3  # attributes in the task (colour, animal, food, ... up to 8)
     values: int = 8  # training values per attribute
     facts: int = 3  # facts per history, one per attribute; one of them is asked
@@ -54,16 +72,17 @@ class TrainConfig:
     warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1.3x the time
     beta_weight: float = 0.01  # weight of the β sparsity term
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
-    eval_episodes: int = 64  # episodes per split in the final evaluation
+    eval_episodes: int = 64  # episodes per split in the final evaluation (0: none)
     out: str = "runs/tsw"  # run directory: ckpt.pt, adapter.safetensors, eval.json, PNGs
     ckpt: str | None = None  # converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct
     device: str | None = None  # cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 where this device runs it fast (measured on CPU), else fp32; bf16 = bf16 backbone + autocast, δ-mem and its state fp32
-    threads: int = os.cpu_count()  # CPU threads; two jobs on the same cores run 2-6x slower: give each a share
+    threads: int = os.cpu_count()  # CPU threads (under torchrun: shared by the local ranks); two jobs on the same cores run 2-6x slower
     seed: int = 0  # seeds the adapter init and the episode stream
     resume: bool = False  # continue from out/ckpt.pt
 
@@ -71,8 +90,60 @@ class TrainConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
                           answer=self.answer)
 
+    def episode_config(self) -> EpisodeConfig:
+        return EpisodeConfig(supervise=self.supervise, recent_messages=self.recent_messages, write_len=self.write_len,
+                             state_only_prob=self.state_only_prob)
+
     def memory(self) -> DeltaMemConfig:
         return DeltaMemConfig(write=self.write, rank=self.rank, beta_bias_init=self.beta_bias_init)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+class EpisodeStream:
+    """The global batch of episodes of every step, the same whatever the number of ranks: fresh episodes of
+    data.py's task (seeded by the step), or the --data file's episodes, shuffled anew every epoch (seeded by it)."""
+
+    def __init__(self, cfg: "TrainConfig"):
+        self.cfg = cfg
+        self.chats = read_chats(cfg.data) if cfg.data else None
+        self.cache = {}  # the two epochs last used -> their episodes in order
+        if self.chats is not None and not self.epoch(0):
+            raise ValueError(f"{cfg.data}: no chat gives an episode (no target has anything before it to write)")
+
+    def epoch(self, e: int) -> list[dict]:
+        if e not in self.cache:
+            rng = random.Random(f"{self.cfg.seed}-{e}")
+            eps = [ep for c in self.chats for ep in chat_episodes(c, self.cfg.episode_config(), rng)]
+            rng.shuffle(eps)
+            self.cache = {k: v for k, v in self.cache.items() if k == e - 1} | {e: eps}
+        return self.cache[e]
+
+    def batch(self, step: int) -> list[dict]:
+        B = self.cfg.batch_size
+        if self.chats is None:
+            return episodes(self.cfg.task(), "train", B, seed=self.cfg.seed * 1_000_003 + step)
+        n = len(self.cache[min(self.cache)])  # every epoch has the same episodes, in another order
+        return [self.epoch(i // n)[i % n] for i in range(step * B, (step + 1) * B)]
+
+    def describe(self) -> str:
+        if self.chats is None:
+            return "data.py's task"
+        ecfg, rng = self.cfg.episode_config(), random.Random(0)
+        none = sum(not chat_episodes(c, ecfg, rng) for c in self.chats)
+        return (f"{self.cfg.data}: {len(self.chats)} chats, {len(self.cache[min(self.cache)])} episodes per epoch"
+                + (f"; {none} chats give no episode (nothing before the target to write)" if none else ""))
+
+
+class EpisodeLoss(nn.Module):
+    """data.episode_loss as one module call, so that DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, model, cfg: "TrainConfig"):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict) -> dict:
+        return episode_loss(self.model, batch, self.cfg.beta_weight, self.cfg.beta_target)
 
 
 # ----------------------------------------------------------------------------- training
@@ -84,26 +155,41 @@ def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def train_step(model, opt, tok, cfg: TrainConfig, step: int, total: int, device, autocast) -> dict:
-    """One optimizer step over batch_size episodes; the loss is normalised by the answer tokens of the whole step."""
-    eps = episodes(cfg.task(), "train", cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
-    micro = [make_batch(tok, eps[i:i + cfg.micro_batch], device) for i in range(0, len(eps), cfg.micro_batch)]
-    n_tokens = sum((b["labels"] != -100).sum() for b in micro)
+def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    """x summed over the ranks (x itself without torchrun)."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: int, total: int, device, autocast,
+               rank: int = 0, world: int = 1) -> dict:
+    """One optimizer step over the step's batch_size episodes, this rank's share of them in micro-batches. The loss
+    is normalised by the answer tokens of the whole step over all ranks, so any number of ranks gives the gradient
+    of one process doing the whole batch (DDP averages over ranks, hence the factor `world`)."""
+    eps = stream.batch(step)
+    mine = eps[rank * len(eps) // world:(rank + 1) * len(eps) // world]
+    micro = [make_batch(tok, mine[i:i + cfg.micro_batch], device, cfg.write_len)
+             for i in range(0, len(mine), cfg.micro_batch)]
+    n_tokens = all_sum(sum((b["labels"] != -100).sum() for b in micro), world)
     lr = get_lr(step, total, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
-    ce_sum, beta_mean, norm = 0.0, 0.0, 0.0
-    for b in micro:
-        with autocast():
-            out = episode_loss(model, b, cfg.beta_weight, cfg.beta_target)
-        ((out["ce"] / n_tokens) + out["beta_term"] * len(b["value_pos"]) / len(eps)).backward()
-        ce_sum += out["ce"].item()
+    ce_sum, beta_mean, norm = torch.zeros((), device=device), 0.0, 0.0
+    for i, b in enumerate(micro):
+        last = i == len(micro) - 1  # DDP averages the gradients after the last micro-batch's backward only
+        with (engine.no_sync() if world > 1 and not last else nullcontext()):
+            with autocast():
+                out = engine(b)
+            (world * (out["ce"] / n_tokens + out["beta_term"] * len(b["labels"]) / len(eps))).backward()
+        ce_sum += out["ce"].detach()
         beta_mean += out["beta_mean"].item() / len(micro)
         norm += torch.stack([s.float().norm(dim=-1).mean() for s in out["state"]]).mean().item() / len(micro)
-    grad_norm = torch.nn.utils.clip_grad_norm_(adapter_parameters(model).values(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(adapter_parameters(engine).values(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return dict(step=step, loss=ce_sum / n_tokens.item(), lr=lr, beta=beta_mean, state_norm=norm,
+    return dict(step=step, loss=(all_sum(ce_sum, world) / n_tokens).item(), lr=lr, beta=beta_mean, state_norm=norm,
                 grad_norm=grad_norm.item())
 
 
@@ -161,7 +247,8 @@ def field_help() -> dict[str, str]:
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    helps, choices = field_help(), {"write": WRITE_MODES, "dtype": ["auto", *DTYPES], "answer": ["short", "sentence"]}
+    helps, choices = field_help(), {"write": WRITE_MODES, "dtype": ["auto", *DTYPES], "answer": ["short", "sentence"],
+                                    "supervise": ["last", "all"]}
     for f in fields(TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=helps.get(f.name, " "))
         if f.type is bool:
@@ -171,59 +258,99 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
-def setup(cfg: TrainConfig):
+def setup(cfg: TrainConfig, threads: int | None = None):
     """Frozen backbone (in the compute dtype: bf16 weights + autocast, or fp32) + tokenizer, with a fresh δ-mem
     attached; device and autocast."""
-    device, dtype = configure(cfg.device, cfg.dtype, cfg.threads)
+    device, dtype = configure(cfg.device, cfg.dtype, threads or cfg.threads)
     ckpt = checkpoint_dir(cfg.ckpt)
     model = attach(load_model(ckpt, device=device, dtype=dtype), cfg.memory())
+    model.grad_checkpoint = cfg.grad_checkpoint
     return model, load_tokenizer(ckpt), device, lambda: precision(device, dtype)
+
+
+def distributed(cfg: TrainConfig) -> tuple[int, int, TrainConfig, int]:
+    """(rank, world size, cfg, CPU threads): under torchrun, join the process group (nccl on CUDA, gloo on CPU),
+    give each rank its GPU or its share of the CPU threads; without torchrun (0, 1, cfg, cfg.threads)."""
+    if "RANK" not in os.environ:
+        return 0, 1, cfg, cfg.threads
+    cuda = torch.cuda.is_available() and cfg.device in (None, "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        sys.exit(f"error: --batch-size {cfg.batch_size} must be a multiple of the {world} ranks")
+    if cuda:
+        cfg = TrainConfig(**{**asdict(cfg), "device": f"cuda:{os.environ.get('LOCAL_RANK', '0')}"})
+    return rank, world, cfg, max(1, cfg.threads // local)
+
+
+def engine_for(model, cfg: TrainConfig, world: int):
+    """The module train_step calls: the episode loss, wrapped in DistributedDataParallel under torchrun. DDP only
+    synchronises the adapter: the frozen backbone's tensors are excluded from its start-up broadcast."""
+    engine = EpisodeLoss(model, cfg)
+    if world == 1:
+        return engine
+    frozen = [n for n, p in engine.named_parameters() if not p.requires_grad] + [n for n, _ in engine.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(engine, frozen)
+    device = model.lm_head.weight.device
+    return DistributedDataParallel(engine, device_ids=[device] if device.type == "cuda" else None)
 
 
 def main(argv=None):
     cfg = parse_args(argv)
+    rank, world, cfg, threads = distributed(cfg)
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        model, tok, device, autocast = setup(cfg)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    params = list(adapter_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = max(1, cfg.episodes // cfg.batch_size)
-    try:
+        model, tok, device, autocast = setup(cfg, threads)
+        stream = EpisodeStream(cfg)
+        params = list(adapter_parameters(model).values())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, log = load_checkpoint(out / "ckpt.pt", model, opt) if cfg.resume else (0, [])
+        out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"δ-mem {cfg.write}: {sum(p.numel() for p in params):,} trainable parameters; {total} steps of "
-          f"{cfg.batch_size} episodes on {device}")
-    val = episodes(cfg.task(), "valid", 64, seed=cfg.seed)
+    engine = engine_for(model, cfg, world)
+    total = max(1, cfg.episodes // cfg.batch_size)
+    say(f"δ-mem {cfg.write}: {sum(p.numel() for p in params):,} trainable parameters; {total} steps of "
+        f"{cfg.batch_size} episodes" + (f" ({world} ranks x {cfg.batch_size // world})" if world > 1 else "")
+        + f" on {device}; data: {stream.describe()}", flush=True)
+    val = episodes(cfg.task(), "valid", 64, seed=cfg.seed) if cfg.data is None else None
     t0, done = time.time(), step
     try:
         while step < total:
-            row = train_step(model, opt, tok, cfg, step, total, device, autocast)
+            row = train_step(engine, opt, tok, cfg, stream, step, total, device, autocast, rank, world)
             if not math.isfinite(row["loss"]):
                 sys.exit(f"error: loss became {row['loss']} at step {step}; the last good checkpoint is {out / 'ckpt.pt'}")
             step += 1
             rate = (step - done) * cfg.batch_size / (time.time() - t0)
-            if step % cfg.eval_every == 0 or step == total:
-                res = evaluate(model, tok, val, device, autocast, greedy=False,
-                               conditions={k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")})
-                row.update(val_state=res["c_state_only"]["value"] / len(val),
-                           val_shuffled=res["d_shuffled_state"]["value"] / len(val))
+            if rank == 0 and (step % cfg.eval_every == 0 or step == total):
+                if val is not None:
+                    res = evaluate(model, tok, val, device, autocast, greedy=False,
+                                   conditions={k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")})
+                    row.update(val_state=res["c_state_only"]["value"] / len(val),
+                               val_shuffled=res["d_shuffled_state"]["value"] / len(val))
                 save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log + [row])
             log.append(row)
             extra = f" | val state {row['val_state']:.0%} shuffled {row['val_shuffled']:.0%}" if "val_state" in row else ""
-            print(f"step {step:4d}/{total} loss {row['loss']:.3f} lr {row['lr']:.1e} β {row['beta']:.3f} "
-                  f"|S| {row['state_norm']:.2f} {rate:.1f} ep/s ETA {(total - step) * cfg.batch_size / rate / 60:.1f} min"
-                  + extra, flush=True)
+            say(f"step {step:4d}/{total} loss {row['loss']:.3f} lr {row['lr']:.1e} β {row['beta']:.3f} "
+                f"|S| {row['state_norm']:.2f} {rate:.1f} ep/s ETA {(total - step) * cfg.batch_size / rate / 60:.1f} min"
+                + extra, flush=True)
     except KeyboardInterrupt:
-        save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log)
+        if rank == 0:
+            save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log)
         sys.exit(f"interrupted at step {step}; saved {out / 'ckpt.pt'} (continue with --resume)")
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
     save_adapter(model, out / "adapter.safetensors", {"train_config": json.dumps(asdict(cfg))})
     plot_curve(log, out / "loss.png")
-    final_evaluation(model, tok, cfg.task(), cfg.eval_episodes, cfg.seed, device, autocast, out)
+    if cfg.data is None and cfg.eval_episodes:
+        final_evaluation(model, tok, cfg.task(), cfg.eval_episodes, cfg.seed, device, autocast, out)
+    elif cfg.eval_data:
+        eps = [ep for c in read_chats(cfg.eval_data) for ep in chat_episodes(c, cfg.episode_config(), random.Random(0))]
+        data_evaluation(model, tok, eps, device, autocast, out)
     print(f"wrote {out}/adapter.safetensors, eval.json, eval.png, loss.png ({(time.time() - t0) / 60:.1f} min)")
 
 

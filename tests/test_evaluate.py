@@ -69,13 +69,42 @@ def tiny(tiny_ckpt, **cfg):
     return attach(load_model(tiny_ckpt, dtype=torch.float64), DeltaMemConfig(**cfg)), load_tokenizer(tiny_ckpt)
 
 
-def test_locomo_eval_with_a_neutral_adapter_equals_the_backbone(tiny_ckpt):
-    model, tok = tiny(tiny_ckpt, init="zero")  # zero Δ-projections: reads change nothing
+def test_locomo_episodes_write_the_conversation_and_ask_each_question():
     samples = evaluate.load_locomo(LOCOMO)
-    res = evaluate.locomo_eval(model, tok, samples, recent=40, window=64, device="cpu", autocast=fp32, max_new_tokens=4)
-    assert set(res) == {"backbone", "deltamem", "shuffled_state"}
-    assert set(res["backbone"]) == {"1", "2", "3", "4", "overall", "n"} and res["backbone"]["n"] == 6
-    assert res["deltamem"] == res["backbone"] == res["shuffled_state"]
+    eps = evaluate.locomo_episodes(samples, recent_messages=2)
+    assert len(eps) == 6 and eps[0]["category"] == "4"
+    first = samples[0]["messages"]
+    assert eps[0]["write"] == first[:-2] and eps[0]["read"][:2] == first[-2:]
+    assert eps[0]["read"][2]["content"].endswith("Answer briefly.")
+
+
+def test_data_evaluation_with_a_neutral_adapter_equals_the_backbone(tiny_ckpt):
+    """Zero Δ-projections read nothing: the state conditions give the backbone's replies exactly; scores are in
+    range and LoCoMo categories are reported."""
+    model, tok = tiny(tiny_ckpt, init="zero")
+    eps = evaluate.locomo_episodes(evaluate.load_locomo(LOCOMO), recent_messages=1)
+    res = evaluate.data_evaluation(model, tok, eps, "cpu", fp32, window=64, max_new_tokens=4)
+    assert set(res) == set(evaluate.DATA_CONDITIONS)
+    base = res["recent_only"]
+    assert res["state_and_recent"] == base == res["shuffled_state_and_recent"]
+    assert base["n"] == 6 and set(base["categories"]) == {"1", "2", "3", "4"}
+    assert 0 <= base["f1"] <= 1 and base["f1_ci"][0] <= base["f1"] <= base["f1_ci"][1]
+    assert res["full_history_in_context"]["n"] <= 6
+
+
+def test_shuffled_state_comes_from_another_history(tiny_ckpt):
+    model, tok = tiny(tiny_ckpt)
+    eps = [{"write": [{"role": "user", "content": w}], "read": [{"role": "user", "content": "?"}], "target": "x"}
+           for w in ("a", "a", "b")]
+    seen = []
+    generate = evaluate.generate_answers
+    evaluate.generate_answers = lambda m, t, prompts, state, *a: seen.append(state) or generate(m, t, prompts, state, *a)
+    try:
+        evaluate.data_evaluation(model, tok, eps, "cpu", fp32, max_new_tokens=2)
+    finally:
+        evaluate.generate_answers = generate
+    own, shuffled = seen[1][0], seen[2][0]  # layer 0 of the state and shuffled conditions
+    assert torch.equal(shuffled[0], own[2]) and torch.equal(shuffled[1], own[2]) and torch.equal(shuffled[2], own[0])
 
 
 def test_curves_points(tiny_ckpt):
@@ -101,7 +130,7 @@ def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
     assert list(curves["ssw (run)"]["capacity"]) == ["1", "2"]  # the task stored with the adapter: 2 attributes
     assert (tmp_path / "curves" / "curves.png").is_file()
     evaluate.main([str(adapter), *common, "--locomo", str(LOCOMO), "--out", str(tmp_path / "locomo")])
-    assert json.loads((tmp_path / "locomo" / "locomo.json").read_text())["ssw (run)"]["deltamem"]["n"] == 6
+    assert json.loads((tmp_path / "locomo" / "eval.json").read_text())["state_and_recent"]["n"] == 6
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
     with pytest.raises(SystemExit, match="bad.json: expected a non-empty list of samples"):
