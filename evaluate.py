@@ -79,27 +79,27 @@ CONDITIONS = {  # name -> (history written to the state, history in context, sta
 
 
 @torch.no_grad()
-def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, conditions=CONDITIONS, greedy=True,
+def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=32, conditions=CONDITIONS,
              progress: tuple[Progress, str] | None = None) -> dict:
-    """Exact match of the greedy answer and teacher-forced value accuracy per condition (a)–(e).
-
-    greedy=False skips generation (exact match counts stay 0): the cheap check used during training. `progress`:
-    a Progress and a label to report each batch under.
-    """
+    """Per condition (a)–(e): exact match (greedy decoding would give exactly the answer's tokens and then stop:
+    under teacher forcing, the argmax at every answer position, <|im_end|> included, is the next answer token),
+    value accuracy (the argmax is right on the value's tokens), and for a shuffled state how often it gives the
+    donor episode's answer exactly; Wilson 95% intervals. `progress`: a Progress and a label for each batch."""
     counts = {c: dict(exact=0, value=0, donor=0, n=0) for c in conditions}
     for i in range(0, len(eps), batch_size):
         group = eps[i:i + batch_size]
-        b = make_batch(tok, group, device)
         with autocast():
-            state = write_pass(model, b)
+            state = write_pass(model, make_batch(tok, group, device))
         for name, (written, in_context, shuffled) in conditions.items():
             s = None if not written else [x.roll(1, 0) for x in state] if shuffled else state
             with autocast():
-                exact, value = answer_episodes(model, tok, group, s, in_context, device, greedy)
-            donors = [group[(j - 1) % len(group)]["target"] for j in range(len(group))]
+                exact, value = teacher_forced(model, tok, group, s, in_context, device)
+                if shuffled:  # episode j holds episode j-1's state: does it answer with j-1's answer?
+                    donors = [{**ep, "target": d["target"], "value": d["value"]}
+                              for ep, d in zip(group, group[-1:] + group[:-1])]
+                    counts[name]["donor"] += sum(teacher_forced(model, tok, donors, s, in_context, device)[0])
             c = counts[name]
-            c["exact"] += sum(a == ep["target"] for a, ep in zip(exact, group))
-            c["donor"] += sum(a == d for a, d in zip(exact, donors))
+            c["exact"] += sum(exact)
             c["value"] += sum(value)
             c["n"] += len(group)
         if progress:
@@ -108,24 +108,28 @@ def evaluate(model, tok, eps: list[dict], device, autocast, batch_size=16, condi
             for name, c in counts.items()}
 
 
-def answer_episodes(model, tok, group, state, in_context: bool, device, greedy=True) -> tuple[list[str], list[bool]]:
-    """Greedy answers (text; empty if not greedy) and whether teacher forcing puts the argmax on every value token."""
-    prompts, full, spans = [], [], []
+def teacher_forced(model, tok, group, state, in_context: bool, device) -> tuple[list[bool], list[bool]]:
+    """Read each episode's prompt (its question, after its history if in_context) + answer on `state`: whether the
+    argmax is the next token at every answer position (exact match), and at the value's positions."""
+    rows, spans = [], []
     for ep in group:
         prompt = tok.encode_chat((ep["write"] if in_context else []) + ep["read"])
-        answer, (start, end) = target_ids(tok, ep), value_span(tok, ep)
-        prompts.append(prompt)
-        full.append(prompt + answer)
-        spans.append((len(prompt) + start, len(prompt) + end))
-    texts = [""] * len(group)
-    if greedy:  # as many new tokens as the longest answer has, plus one to see whether it stops
-        n_new = max(len(f) - len(p) for f, p in zip(full, prompts)) + 1
-        texts = generate_answers(model, tok, prompts, state, n_new, device)
-    ids = pad(full, 0).to(device)
-    logits, _ = model(ids, state=state, write=False, pad_mask=pad([[1] * len(f) for f in full], 0).bool().to(device))
-    pred = logits.argmax(-1)  # (B, T): pred[:, t] predicts token t + 1
-    value = [bool((pred[j, s - 1:e - 1] == ids[j, s:e]).all()) for j, (s, e) in enumerate(spans)]
-    return texts, value
+        rows.append(prompt + target_ids(tok, ep))
+        spans.append((len(prompt), len(rows[-1]), *(len(prompt) + v for v in value_span(tok, ep))))
+    ids = pad(rows, 0).to(device)  # (B, T)
+    where = torch.zeros_like(ids, dtype=torch.bool)  # positions that predict an answer token
+    for j, (start, end, _, _) in enumerate(spans):
+        where[j, start - 1:end - 1] = True
+    logits, _ = model(ids, state=state, write=False, pad_mask=pad([[1] * len(r) for r in rows], 0).bool().to(device),
+                      logits=where)  # (N, V), rows of `where` in order
+    right = (logits.argmax(-1) == ids[:, 1:][where[:, :-1]]).tolist()
+    exact, value, k = [], [], 0
+    for start, end, v0, v1 in spans:
+        ok = right[k:k + end - start]
+        exact.append(all(ok))
+        value.append(all(ok[v0 - start:v1 - start]))
+        k += end - start
+    return exact, value
 
 
 def generate_answers(model, tok, prompts: list[list[int]], state, max_new_tokens: int, device) -> list[str]:
@@ -187,7 +191,7 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
     the history (capacity, no filler) and (2) against filler turns after a single fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
     point = lambda t: {k: v["value"] / v["n"] for k, v in
-                       evaluate(model, tok, episodes(t, "valid", n, seed), device, autocast, greedy=False,
+                       evaluate(model, tok, episodes(t, "valid", n, seed), device, autocast,
                                 conditions=conditions).items()}
     capacity = {k: point(TaskConfig(**{**vars(task), "facts": k, "filler": 0})) for k in range(1, task.attributes + 1)}
     forgetting = {}

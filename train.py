@@ -326,7 +326,7 @@ def main(argv=None):
             rate = (step - done) * cfg.batch_size / (time.time() - t0)
             if rank == 0 and (step % cfg.eval_every == 0 or step == total):
                 if val is not None:
-                    res = evaluate(model, tok, val, device, autocast, greedy=False,
+                    res = evaluate(model, tok, val, device, autocast,
                                    conditions={k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")})
                     row.update(val_state=res["c_state_only"]["value"] / len(val),
                                val_shuffled=res["d_shuffled_state"]["value"] / len(val))

@@ -137,3 +137,28 @@ def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
         evaluate.main([str(adapter), *common, "--locomo", str(bad)])
     with pytest.raises(SystemExit, match="nope.safetensors: not found"):
         evaluate.main([str(tmp_path / "nope.safetensors"), *common])
+
+
+def test_teacher_forced_exact_match_is_what_greedy_decoding_would_answer(tiny_ckpt, monkeypatch):
+    """exact == greedy decoding reproduces the answer's tokens and then stops: targets made of the model's own greedy
+    tokens are exact exactly when its next greedy token is <|im_end|>; one changed token is never exact."""
+    model, tok = tiny(tiny_ckpt)
+    eps = [{"write": [{"role": "user", "content": f"fact {i}"}], "read": [{"role": "user", "content": f"q {i}?"}]}
+           for i in range(6)]
+    state = model(torch.tensor([tok.encode(f"fact {i}") for i in range(6)]))[1]
+    prompts = [tok.encode_chat(ep["read"]) for ep in eps]
+    greedy = [[t.item() for t, _ in model.generate(torch.tensor([p]), 5, temperature=0,
+                                                    state=[s[i:i + 1] for s in state], write=False)]
+              for i, p in enumerate(prompts)]
+    end = tok.added["<|im_end|>"]
+    targets = {f"g{i}": g for i, g in enumerate(greedy)}  # greedy's own 5 tokens: exact by construction
+    targets.update({f"t{i}": g[:4] + [end] for i, g in enumerate(greedy)})
+    targets.update({f"w{i}": g[:2] + [(g[2] + 1) % 100] + g[3:4] + [end] for i, g in enumerate(greedy)})
+    monkeypatch.setattr(evaluate, "target_ids", lambda tok, ep: targets[ep["target"]])
+    monkeypatch.setattr(evaluate, "value_span", lambda tok, ep: (0, 1))
+    expected = {"g": [True] * 6, "t": [g[4] == end for g in greedy], "w": [False] * 6}
+    for kind in "gtw":
+        group = [{**ep, "target": f"{kind}{i}"} for i, ep in enumerate(eps)]
+        exact, value = evaluate.teacher_forced(model, tok, group, state, False, "cpu")
+        assert value == [True] * 6  # the first token is the greedy one in every kind
+        assert exact == expected[kind], kind
