@@ -7,14 +7,18 @@ the only way to the answer (the paper's training episode; `episode_loss`).
 
 Splits, by what the asked fact is: "train" and "valid" (fresh episodes of the training distribution) ask the
 training pairs; "test" asks held-out (attribute, value) pairs, which training histories mention but training never
-asks; "unseen" asks values that never occur in training at all.
+asks; "unseen" asks values that never occur in training at all. Values come from a few words per attribute
+(`pool="lists"`, where remembering which of 8 labels was said suffices) or from the tokenizer's ~16k whole-word
+tokens (`pool="vocab"`, where only a state that carries the word itself can answer).
 
 `make_batch` turns episodes into the tensors of a write pass and a read pass, and `episode_loss` is the training
 objective on them (shared by train.py, evaluate.py and bench.py). `write_messages` writes any chat messages into a
 state the same way, in windows for long histories (sample.py, LoCoMo).
 """
+import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,6 +49,8 @@ FILLER = [  # (user, assistant) small talk between facts
     ("What should I cook tonight?", "A simple stir-fry with vegetables is quick and tasty."),
     ("Any tips for sleeping better?", "Keep a regular schedule and avoid screens before bed."),
 ]
+ACKS = ["Got it.", "Noted!", "Thanks for telling me.", "I'll remember that.", "Okay, {value} it is.",
+        "That's a great choice!", "I'm glad to know your favourite {attribute} is {value}."]  # with acks=True
 
 
 @dataclass
@@ -56,11 +62,15 @@ class TaskConfig:
     filler: int = 0  # filler turns (user + assistant) placed at random between and after the facts
     heldout: int = 2  # (attribute, value) pairs per attribute never asked in training (the "test" split)
     answer: str = "short"  # "short": "It's teal." / "sentence": "Your favourite colour is teal."
+    pool: str = "lists"  # values: "lists" (values + unseen_values per attribute) or "vocab" (see `vocabulary`)
+    acks: bool = False  # the assistant acknowledges each fact with a short reply, as in a chat
 
     def __post_init__(self):
         if not 1 <= self.facts <= self.attributes <= len(ATTRIBUTES):
             raise ValueError(f"need 1 <= facts ({self.facts}) <= attributes ({self.attributes}) <= {len(ATTRIBUTES)}")
-        if min(len(ATTRIBUTES[a]) for a in self.names) < self.values + self.unseen_values:
+        if self.pool not in ("lists", "vocab"):
+            raise ValueError(f"pool must be 'lists' or 'vocab', not {self.pool!r}")
+        if self.pool == "lists" and min(len(ATTRIBUTES[a]) for a in self.names) < self.values + self.unseen_values:
             raise ValueError(f"an attribute has fewer than values + unseen_values = {self.values + self.unseen_values}")
         if self.answer not in ("short", "sentence"):
             raise ValueError(f"answer must be 'short' or 'sentence', not {self.answer!r}")
@@ -70,8 +80,41 @@ class TaskConfig:
         return list(ATTRIBUTES)[: self.attributes]
 
 
+def vocabulary(tok) -> dict[str, list[str]]:
+    """The "vocab" pool: every token that is a space and 4–9 lower-case letters (" teal") and stays that one token
+    before a full stop (~15.9k for SmolLM2; no word list to ship), split by a hash of the word into "trained" (~90%)
+    and "unseen" (~10%, never in any training episode)."""
+    stop = tok.encode(".")
+    words = sorted(b.decode()[1:] for i, b in tok.token_bytes.items()
+                   if re.fullmatch(rb" [a-z]{4,9}", b) and tok.encode(f"is{b.decode()}.")[-2:] == [i, *stop])
+    unseen = lambda w: hashlib.sha256(w.encode()).digest()[0] < 26
+    return {"trained": [w for w in words if not unseen(w)], "unseen": [w for w in words if unseen(w)]}
+
+
+def task_words(cfg: TaskConfig, tok) -> dict[str, list[str]] | None:
+    """What chats() and episodes() need besides the config: the tokenizer's words for the "vocab" pool."""
+    return vocabulary(tok) if cfg.pool == "vocab" else None
+
+
+def heldout_pair(attribute: str, value: str) -> bool:
+    """"vocab" pool: ~10% of the (attribute, trained word) pairs are never asked in training (the "test" split)."""
+    return hashlib.sha256(f"{attribute} {value}".encode()).digest()[0] < 26
+
+
+def draw_value(rng: random.Random, cfg: TaskConfig, attribute: str, split: str, asked: bool, words) -> str:
+    """A value for a fact about `attribute` in an episode of `split` (`asked`: the fact asked about)."""
+    if cfg.pool == "lists":
+        return rng.choice(value_pool(cfg, attribute, split, asked))
+    if asked and split == "unseen":
+        return rng.choice(words["unseen"])
+    while True:  # ~1.1 draws on average
+        value = rng.choice(words["trained"])
+        if not asked or heldout_pair(attribute, value) == (split == "test"):
+            return value
+
+
 def value_pool(cfg: TaskConfig, attribute: str, split: str, asked: bool) -> list[str]:
-    """Values a fact about `attribute` may take in an episode of `split` (`asked`: it is the fact asked about)."""
+    """"lists" pool: values a fact about `attribute` may take in an episode of `split` (`asked`: the fact asked)."""
     values = ATTRIBUTES[attribute]
     if asked and split == "unseen":
         return values[cfg.values: cfg.values + cfg.unseen_values]
@@ -86,12 +129,15 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
     return f"It's {value}." if cfg.answer == "short" else f"Your favourite {attribute} is {value}."
 
 
-def make_chat(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
+def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> dict:
     """One chat record: {"messages": history + question + answer, "value": the value asked about}."""
     attributes = rng.sample(cfg.names, cfg.facts)
     asked = attributes[0]
-    facts = {a: rng.choice(value_pool(cfg, a, split, asked=a == asked)) for a in attributes}
+    facts = {a: draw_value(rng, cfg, a, split, a == asked, words) for a in attributes}
     turns = [[{"role": "user", "content": f"My favourite {a} is {v}."}] for a, v in facts.items()]
+    if cfg.acks:
+        for turn, (a, v) in zip(turns, facts.items()):
+            turn.append({"role": "assistant", "content": rng.choice(ACKS).format(attribute=a, value=v)})
     rng.shuffle(turns)  # the asked fact may be anywhere in the history
     for _ in range(cfg.filler):  # filler after any fact
         user, assistant = rng.choice(FILLER)
@@ -103,16 +149,18 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str) -> dict:
             "value": facts[asked]}
 
 
-def chats(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
-    """n chat records of `split`, the same for the same seed."""
+def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
+    """n chat records of `split`, the same for the same seed; `words`: vocabulary(tok), for the "vocab" pool."""
+    if cfg.pool == "vocab" and words is None:
+        raise ValueError("the 'vocab' pool needs the tokenizer's words: pass words=vocabulary(tok)")
     rng = random.Random(f"{split}-{seed}")
-    return [make_chat(rng, cfg, split) for _ in range(n)]
+    return [make_chat(rng, cfg, split, words) for _ in range(n)]
 
 
-def episodes(cfg: TaskConfig, split: str, n: int, seed: int) -> list[dict]:
+def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
     """n episodes of the task: each chat's history written, its question read, its answer the target (+ the value)."""
     return [{**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"]}
-            for c in chats(cfg, split, n, seed)]
+            for c in chats(cfg, split, n, seed, words)]
 
 
 # ----------------------------------------------------------------------------- chats -> episodes
@@ -321,11 +369,22 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=("train", "valid", "test", "unseen"))
     p.add_argument("--n", type=int, default=1000, help="chats")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", help="with --pool vocab: the converted backbone whose tokenizer gives the words; "
+                                  "leave out for the embedded SmolLM2-135M-Instruct")
     for f in fields(TaskConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     task = TaskConfig(**{f.name: getattr(args, f.name) for f in fields(TaskConfig)})
-    lines = [json.dumps(c, ensure_ascii=False) for c in chats(task, args.split, args.n, args.seed)]
+    words = None
+    if task.pool == "vocab":
+        from load_hf_weights import checkpoint_dir
+        from tokenizer import load_tokenizer
+        words = vocabulary(load_tokenizer(checkpoint_dir(args.ckpt)))
+    lines = [json.dumps(c, ensure_ascii=False) for c in chats(task, args.split, args.n, args.seed, words)]
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.n} {args.split} chats to {args.out}")
 

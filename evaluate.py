@@ -2,6 +2,7 @@
 
     python evaluate.py runs/tsw/adapter.safetensors                     # conditions (a)–(e), 3 splits, Wilson 95%
     python evaluate.py runs/tsw/adapter.safetensors runs/ssw/adapter.safetensors --curves   # capacity, forgetting
+    python evaluate.py runs/tsw/adapter.safetensors --probe                                 # does the state hold it?
     python evaluate.py runs/tsw/adapter.safetensors --data heldout.jsonl                    # replies to real chats
     python evaluate.py runs/tsw/adapter.safetensors --locomo locomo10.json --recent-messages 8   # LoCoMo
 
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from data import (EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, episodes, make_batch, pad,
-                  read_chats, target_ids, value_span, write_messages, write_pass)
+from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, episodes, make_batch,
+                  pad, read_chats, target_ids, task_words, value_span, write_messages, write_pass)
 from deltamem import zero_state
 from deltamem_io import load_adapter, read_safetensors
 from load_hf_weights import checkpoint_dir
@@ -176,7 +177,8 @@ def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, au
     splits = ("valid", "test", "unseen")
     progress = Progress(n * len(splits))
     print(f"evaluating {n} episodes per split on {', '.join(splits)}:", flush=True)
-    results = {split: evaluate(model, tok, episodes(task, split, n, seed=seed + 1), device, autocast,
+    words = task_words(task, tok)
+    results = {split: evaluate(model, tok, episodes(task, split, n, seed + 1, words), device, autocast,
                                progress=(progress, split)) for split in splits}
     print(report(results))
     (out / "eval.json").write_text(json.dumps(results, indent=2))
@@ -190,14 +192,15 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
     """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
     the history (capacity, no filler) and (2) against filler turns after a single fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
+    words = task_words(task, tok)
     point = lambda t: {k: v["value"] / v["n"] for k, v in
-                       evaluate(model, tok, episodes(t, "valid", n, seed), device, autocast,
+                       evaluate(model, tok, episodes(t, "valid", n, seed, words), device, autocast,
                                 conditions=conditions).items()}
     capacity = {k: point(TaskConfig(**{**vars(task), "facts": k, "filler": 0})) for k in range(1, task.attributes + 1)}
     forgetting = {}
     for f in fillers:
         t = TaskConfig(**{**vars(task), "facts": 1, "filler": f})
-        after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in episodes(t, "valid", n, seed)]
+        after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in episodes(t, "valid", n, seed, words)]
         forgetting[f] = {**point(t), "tokens_after": sum(after) / n}
     return {"capacity": capacity, "forgetting": forgetting, "n": n}
 
@@ -221,6 +224,78 @@ def plot_curves(results: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- a linear probe of the state
+
+@torch.no_grad()
+def state_reads(model, b: dict, state: list) -> torch.Tensor:
+    """What the layers read from `state` in the read pass, at the position that predicts the value's first token:
+    (B, layers·n·r). A hook takes each DeltaMem's input x; the read is S q(x), as in DeltaMem.forward."""
+    rows = torch.arange(len(b["value_pos"]))
+    pos = torch.tensor([start - 1 for start, _ in b["value_pos"]])
+    reads = []
+
+    def hook(mem, args, _):
+        x, S = args[0][rows, pos], args[1]  # (B, d), (B, n, r, r)
+        q = mem.project(x.to(mem.beta_bias.dtype)[:, None])[0][:, 0]  # (B, n, r)
+        reads.append(torch.einsum("bnij,bnj->bni", S.to(q.dtype), q).flatten(1))  # (B, n·r)
+
+    handles = [block.self_attn.delta_mem.register_forward_hook(hook) for block in model.model.layers]
+    try:
+        model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(reads, -1)  # (B, layers·n·r)
+
+
+@torch.no_grad()
+def probe(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, batch_size=32, ridge=1e-2) -> dict:
+    """Does the state hold the asked value, whatever the Δ-projections make of it? Ridge regression from the
+    state-only reads onto the input embedding of the value's first token, fitted on n training episodes; scored on
+    n episodes per split by the nearest neighbour (cosine) among the first tokens of all the task's values, with the
+    episode's own state and with a shuffled one. If the probe finds values the model does not say, the read-out is
+    the bottleneck; if it does not, the write side is."""
+    E = model.model.embed_tokens.weight.float()
+    words = task_words(task, tok)
+    values = words["trained"] + words["unseen"] if words else [v for a in task.names for v in ATTRIBUTES[a]]
+    candidates = torch.tensor(sorted({tok.encode(" " + v)[0] for v in values}))
+
+    def features(eps, shuffled):
+        X, y = [], []
+        for i in range(0, len(eps), batch_size):
+            b = make_batch(tok, eps[i:i + batch_size], device)
+            with autocast():
+                state = write_pass(model, b)
+                X.append(state_reads(model, b, [s.roll(1, 0) for s in state] if shuffled else state).float().cpu())
+            y += [b["read"][j, start].item() for j, (start, _) in enumerate(b["value_pos"])]
+        return torch.cat(X), torch.tensor(y)
+
+    def nearest(X, W, mu_x, mu_y):  # the candidate token whose embedding is closest to the probe's prediction
+        C = torch.nn.functional.normalize(E[candidates].cpu(), dim=-1)  # (K, d)
+        return candidates[(torch.nn.functional.normalize((X - mu_x) @ W + mu_y, dim=-1) @ C.T).argmax(-1)]
+
+    X, y = features(episodes(task, "train", n, seed, words), shuffled=False)
+    Y = E[y].cpu()  # (N, d)
+    mu_x, mu_y = X.mean(0), Y.mean(0)
+    G = (X - mu_x).T @ (X - mu_x)  # (D, D)
+    W = torch.linalg.solve(G + ridge * G.trace() / len(G) * torch.eye(len(G)), (X - mu_x).T @ (Y - mu_y))  # (D, d)
+    out = {"fit": (nearest(X, W, mu_x, mu_y) == y).float().mean().item(), "chance": 1 / len(candidates), "n": n}
+    for split in ("valid", "test", "unseen"):
+        eps = episodes(task, split, n, seed + 1, words)
+        out[split] = {}
+        for condition in ("state", "shuffled"):
+            Xs, ys = features(eps, shuffled=condition == "shuffled")
+            out[split][condition] = (nearest(Xs, W, mu_x, mu_y) == ys).float().mean().item()
+    return out
+
+
+def report_probe(res: dict) -> str:
+    lines = [f"linear probe: nearest value to the predicted embedding (fit on {res['n']} training episodes: "
+             f"{res['fit']:.1%}; chance {res['chance']:.1%})", f"{'split':8} {'state':>7} {'shuffled':>9}"]
+    lines += [f"{split:8} {res[split]['state']:7.1%} {res[split]['shuffled']:9.1%}" for split in ("valid", "test", "unseen")]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- LoCoMo
@@ -389,6 +464,8 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
     p.add_argument("--seed", type=int, default=0, help="which episodes: the evaluation draws them from seed + 1")
     p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table")
+    p.add_argument("--probe", action="store_true", help="a linear probe of the state (fitted on --episodes training "
+                                                        "episodes) instead of the conditions table")
     p.add_argument("--data", help="a .json/.jsonl chat file: exact match and token F1 of the replies per condition")
     p.add_argument("--locomo", help="a LoCoMo JSON file: the same, per question category")
     p.add_argument("--recent-messages", type=int, default=1, help="--data, --locomo: messages before the question "
@@ -426,6 +503,10 @@ def main(argv=None):
             if eps is not None:
                 results[name] = data_evaluation(model, tok, eps, device, autocast, where, args.window,
                                                 args.max_new_tokens)
+            elif args.probe:
+                results[name] = probe(model, tok, task_of(adapter), args.episodes, args.seed, device, autocast)
+                print(report_probe(results[name]))
+                (where / "probe.json").write_text(json.dumps(results[name], indent=2))
             elif args.curves:
                 results[name] = curves(model, tok, task_of(adapter), args.episodes, args.seed, device, autocast)
                 print(json.dumps(results[name]))

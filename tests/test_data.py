@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from data import (EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, chats, episodes, main, make_batch,
-                  read_chats)
+from data import (EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, chats, episodes, heldout_pair, main,
+                  make_batch, read_chats, vocabulary)
 from tokenizer import load_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -94,3 +94,48 @@ def test_the_task_written_as_a_chat_file_gives_the_same_episodes(tmp_path):
     assert from_file == built_in
     assert [json.loads(line)["value"] for line in path.read_text().splitlines()] == [
         c["value"] for c in chats(task, "train", 50, seed=3)]
+
+
+WORDS = {"trained": [f"word{i}" for i in range(300)], "unseen": [f"new{i}" for i in range(30)]}  # a stand-in pool
+
+
+@pytest.mark.parametrize("acks, filler", [(False, 0), (True, 2)])
+def test_vocab_pool_keeps_unseen_values_out_of_training_and_holds_out_pairs(acks, filler):
+    """Over 500 seeds, no unseen word occurs anywhere in a training chat; training asks no held-out pair; the test
+    split asks only held-out pairs of trained words and the unseen split only unseen words."""
+    task = TaskConfig(attributes=8, facts=3, filler=filler, pool="vocab", acks=acks)
+    unseen = set(WORDS["unseen"])
+    for seed in range(500):
+        for c in chats(task, "train", 4, seed, WORDS):
+            text = " ".join(m["content"] for m in c["messages"])
+            assert not unseen & set(text.replace(".", " ").replace("?", " ").split()), text
+            assert not heldout_pair(c["messages"][-2]["content"].split()[-1][:-1], c["value"])
+    for c in chats(task, "test", 200, 0, WORDS):
+        assert c["value"] in WORDS["trained"] and heldout_pair(c["messages"][-2]["content"].split()[-1][:-1], c["value"])
+    assert all(c["value"] in unseen for c in chats(task, "unseen", 200, 0, WORDS))
+
+
+def test_vocab_episodes_are_deterministic_by_seed_and_need_the_words():
+    task = TaskConfig(facts=3, filler=1, pool="vocab", acks=True)
+    assert episodes(task, "valid", 20, 5, WORDS) == episodes(task, "valid", 20, 5, WORDS)
+    assert episodes(task, "valid", 20, 5, WORDS) != episodes(task, "valid", 20, 6, WORDS)
+    with pytest.raises(ValueError, match="needs the tokenizer's words"):
+        chats(task, "train", 1, 0)
+
+
+def test_acks_are_assistant_turns_after_each_fact():
+    c = chats(TaskConfig(facts=3, acks=True), "train", 1, 0)[0]["messages"]
+    assert [m["role"] for m in c] == ["user", "assistant"] * 4
+    assert all(m["content"].startswith("My favourite") for m in c[0:6:2])
+
+
+@pytest.mark.real
+def test_vocabulary_of_smollm2_is_single_token_words_split_by_hash(smollm2_ckpt):
+    tok = load_tokenizer(smollm2_ckpt)
+    words = vocabulary(tok)
+    trained, unseen = words["trained"], words["unseen"]
+    assert not set(trained) & set(unseen) and 0.07 < len(unseen) / (len(trained) + len(unseen)) < 0.13
+    assert len(trained) + len(unseen) > 10_000
+    for w in trained[::97] + unseen[::11]:
+        assert len(tok.encode(" " + w)) == 1 and tok.encode(f"My favourite colour is {w}.")[-2] == tok.encode(" " + w)[0]
+    assert vocabulary(tok) == words

@@ -129,6 +129,9 @@ def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
     curves = json.loads((tmp_path / "curves" / "curves.json").read_text())
     assert list(curves["ssw (run)"]["capacity"]) == ["1", "2"]  # the task stored with the adapter: 2 attributes
     assert (tmp_path / "curves" / "curves.png").is_file()
+    evaluate.main([str(adapter), *common, "--probe", "--out", str(tmp_path / "probe")])
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert probe["n"] == 4 and all(0 <= probe[s][c] <= 1 for s in ("valid", "test", "unseen") for c in ("state", "shuffled"))
     evaluate.main([str(adapter), *common, "--locomo", str(LOCOMO), "--out", str(tmp_path / "locomo")])
     assert json.loads((tmp_path / "locomo" / "eval.json").read_text())["state_and_recent"]["n"] == 6
     bad = tmp_path / "bad.json"
@@ -162,3 +165,26 @@ def test_teacher_forced_exact_match_is_what_greedy_decoding_would_answer(tiny_ck
         exact, value = evaluate.teacher_forced(model, tok, group, state, False, "cpu")
         assert value == [True] * 6  # the first token is the greedy one in every kind
         assert exact == expected[kind], kind
+
+
+def test_probe_features_are_the_reads_the_model_uses(tiny_ckpt):
+    """state_reads gives, per layer, the read whose Δo correction the model adds at the position before the value."""
+    model, tok = tiny(tiny_ckpt)
+    eps = evaluate.episodes(TaskConfig(), "valid", 4, seed=0)
+    b = evaluate.make_batch(tok, eps, "cpu")
+    state = evaluate.write_pass(model, b)
+    feats = evaluate.state_reads(model, b, state)  # (B, layers·n·r)
+    corrections = []
+    hooks = [blk.self_attn.delta_mem.register_forward_hook(lambda m, a, out: corrections.append(out[0]["o"]))
+             for blk in model.model.layers]
+    model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False)
+    for h in hooks:
+        h.remove()
+    cfg, rows = model.delta_mem_config, torch.arange(4)
+    pos = torch.tensor([start - 1 for start, _ in b["value_pos"]])
+    m = cfg.num_states * cfg.rank
+    for layer, (blk, delta_o) in enumerate(zip(model.model.layers, corrections)):
+        read = feats[:, layer * m:(layer + 1) * m] * (cfg.alpha / cfg.rank)
+        expected = read @ blk.self_attn.delta_mem.delta_o_proj.weight.T  # (B, d)
+        assert delta_o[rows, pos].abs().max() > 0
+        torch.testing.assert_close(delta_o[rows, pos], expected, rtol=1e-12, atol=1e-12)
