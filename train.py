@@ -8,8 +8,10 @@ An episode (the paper's training section; the official trainer): reset the state
 (its messages in ChatML, without the system prompt; writes on, no KV cache); read pass over system prompt + question
 + answer with writes off and WITHOUT the history in context; loss = cross-entropy on the answer tokens + beta_weight ·
 mean over layers of (mean β − beta_target)², with gradients through the state into the whole write pass
-(data.episode_loss). Episodes come from chats (data.chat_episodes): data.py's synthetic facts-in-a-chat task by
-default, or --data, a file of {"messages": [...]} chats. The final evaluation is evaluate.py's: on held-out episodes,
+(data.episode_loss). Before the first episode, `copy_warmup` (ours; --copy-warmup 0 for the paper's init) teaches
+the read-out to copy words; without it, no value outside a small trained set was ever recalled. Episodes come from
+chats (data.chat_episodes): data.py's synthetic facts-in-a-chat task by default, or --data, a file of
+{"messages": [...]} chats. The final evaluation is evaluate.py's: on held-out episodes,
 the frozen backbone (question only; history in context), the δ-mem state alone, a shuffled state (another episode's,
 the informative control) and state + history, with 95% intervals.
 
@@ -33,11 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats
+from data import (EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats,
+                  task_words, vocabulary)
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
-from deltamem_io import atomic_path, base_model_id, save_adapter
+from deltamem_io import atomic_path, base_model_id, load_adapter, save_adapter
 from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot
 from load_hf_weights import checkpoint_dir
 from model import load_model
@@ -61,11 +65,13 @@ class TrainConfig:
     # data.py's task
     attributes: int = 3  # attributes in the task (colour, animal, food, ... up to 8)
     values: int = 8  # training values per attribute
-    facts: int = 3  # facts per history, one per attribute; one of them is asked
+    facts: int = 1  # facts per history, one per attribute; one of them is asked
     filler: int = 0  # small-talk turns placed between and after the facts
     answer: str = "short"  # short: "It's teal." | sentence: "Your favourite colour is teal."
+    pool: str = "vocab"  # values: vocab (~16k words from the tokenizer, 1 in 10 never trained) | lists (8 per attribute)
+    acks: bool = False  # the assistant acknowledges each fact, as in a chat
     # optimisation
-    episodes: int = 2400  # training episodes in total
+    episodes: int = 1600  # training episodes in total
     batch_size: int = 8  # episodes per optimizer step
     micro_batch: int = 8  # episodes per forward/backward (accumulated up to batch_size)
     lr: float = 3e-3  # peak learning rate (paper: 2e-4 at 32 episodes/step on a 4B model)
@@ -75,9 +81,11 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1.3x the time
     beta_weight: float = 0.01  # weight of the β sparsity term
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
+    copy_warmup: int = 300  # steps that teach the read-out to copy words before the task (0: the paper's init; see copy_warmup)
+    init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no warm-up
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
-    eval_episodes: int = 64  # episodes per split in the final evaluation (0: none)
+    eval_episodes: int = 128  # episodes per split in the final evaluation (0: none)
     out: str = "runs/tsw"  # run directory: ckpt.pt, adapter.safetensors, eval.json, PNGs
     ckpt: str | None = None  # converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct
     device: str | None = None  # cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu
@@ -88,7 +96,7 @@ class TrainConfig:
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
-                          answer=self.answer)
+                          answer=self.answer, pool=self.pool, acks=self.acks)
 
     def episode_config(self) -> EpisodeConfig:
         return EpisodeConfig(supervise=self.supervise, recent_messages=self.recent_messages, write_len=self.write_len,
@@ -104,8 +112,9 @@ class EpisodeStream:
     """The global batch of episodes of every step, the same whatever the number of ranks: fresh episodes of
     data.py's task (seeded by the step), or the --data file's episodes, shuffled anew every epoch (seeded by it)."""
 
-    def __init__(self, cfg: "TrainConfig"):
+    def __init__(self, cfg: "TrainConfig", tok):
         self.cfg = cfg
+        self.words = task_words(cfg.task(), tok)  # the tokenizer's words, for the "vocab" pool
         self.chats = read_chats(cfg.data) if cfg.data else None
         self.cache = {}  # the two epochs last used -> their episodes in order
         if self.chats is not None and not self.epoch(0):
@@ -122,7 +131,7 @@ class EpisodeStream:
     def batch(self, step: int) -> list[dict]:
         B = self.cfg.batch_size
         if self.chats is None:
-            return episodes(self.cfg.task(), "train", B, seed=self.cfg.seed * 1_000_003 + step)
+            return episodes(self.cfg.task(), "train", B, self.cfg.seed * 1_000_003 + step, self.words)
         n = len(self.cache[min(self.cache)])  # every epoch has the same episodes, in another order
         return [self.epoch(i // n)[i % n] for i in range(step * B, (step + 1) * B)]
 
@@ -211,6 +220,65 @@ def plot_curve(log: list[dict], path: Path):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- copy warm-up (not in the paper)
+
+@torch.no_grad()
+def backbone_inputs(model, idx: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's δ-mem input x and the final norm's 1/rms for the tokens of idx (B, T), from the frozen
+    backbone with an empty state: (L, B·T, d) and (B·T, 1), fp32."""
+    xs, inv_rms = [], []
+    hooks = [block.self_attn.delta_mem.register_forward_hook(lambda m, args, out: xs.append(args[0].float()))
+             for block in model.model.layers]
+    norm = model.model.norm
+    hooks.append(norm.register_forward_pre_hook(
+        lambda m, args: inv_rms.append(args[0].float().pow(2).mean(-1, keepdim=True).add(m.eps).rsqrt())))
+    try:
+        for chunk in idx.split(8):
+            with autocast():
+                model(chunk, write=False, logits=torch.ones_like(chunk, dtype=torch.bool))
+    finally:
+        for h in hooks:
+            h.remove()
+    L, d = len(model.model.layers), xs[0].shape[-1]
+    x = torch.stack([torch.cat(xs[layer::L]) for layer in range(L)]).reshape(L, -1, d)  # (L, B·T, d)
+    return x, torch.cat(inv_rms).reshape(-1, 1)
+
+
+def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say):
+    """Teach the read-out to copy before teaching the task (ours, not the paper's). δ-mem's read at a question is
+    mostly a sum of the values v = W_mv x written under keys like the question's query; for the answer to be a word
+    the adapter never trained on, the path read -> Δo -> logits must carry the word itself. So: tie W_mk to W_mq (a
+    query then matches keys written by similar inputs, with positive weight), and fit W_mv and W_Δo of every layer
+    so that a token's own value, read back through Δo of every layer and summed, Σ_l (α/r) W_Δo W_mv x_l, as the
+    final norm would scale it, makes the frozen lm_head name the token among the trained words. The x_l come from one
+    backbone pass over random sequences of data.vocabulary's trained words (whatever the task); each step fits 512
+    of their tokens."""
+    mems = [block.self_attn.delta_mem for block in model.model.layers]
+    if "o" not in mems[0].cfg.heads:
+        raise ValueError("--copy-warmup fits the Δo read-out: the adapter needs an 'o' head")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.tensor([tok.encode(" " + w)[0] for w in words["trained"]], device=device)  # (V,)
+    which = torch.randint(len(ids), (64, 64), generator=gen).to(device)  # (B, T) random words, as pool indices
+    x, inv_rms = backbone_inputs(model, ids[which], autocast)  # (L, N, d), (N, 1)
+    with torch.no_grad():
+        for m in mems:
+            m.memory_k_proj.weight.copy_(m.memory_q_proj.weight)
+    E = model.lm_head.weight[ids].float() * model.model.norm.weight.float()  # (V, d): the pool's rows of lm_head ∘ norm
+    params = [p for m in mems for p in (m.memory_v_proj.weight, m.delta_o_proj.weight)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scale = mems[0].cfg.alpha / mems[0].cfg.rank
+    for step in range(cfg.copy_warmup):
+        pick = torch.randint(x.shape[1], (512,), generator=gen).to(device)
+        read_out = sum(m.delta_o_proj(m.memory_v_proj(x[layer, pick])) for layer, m in enumerate(mems))  # (512, d)
+        loss = F.cross_entropy(scale * read_out * inv_rms[pick] @ E.T, which.flatten()[pick])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == cfg.copy_warmup - 1:
+            say(f"copy warm-up {step + 1}/{cfg.copy_warmup}: loss {loss.item():.2f} (uniform {math.log(len(ids)):.2f})",
+                flush=True)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, log: list):
@@ -248,7 +316,7 @@ def field_help() -> dict[str, str]:
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     helps, choices = field_help(), {"write": WRITE_MODES, "dtype": ["auto", *DTYPES], "answer": ["short", "sentence"],
-                                    "supervise": ["last", "all"]}
+                                    "supervise": ["last", "all"], "pool": ["lists", "vocab"]}
     for f in fields(TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=helps.get(f.name, " "))
         if f.type is bool:
@@ -303,10 +371,14 @@ def main(argv=None):
     out = Path(cfg.out)
     try:
         model, tok, device, autocast = setup(cfg, threads)
-        stream = EpisodeStream(cfg)
+        stream = EpisodeStream(cfg, tok)
         params = list(adapter_parameters(model).values())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, log = load_checkpoint(out / "ckpt.pt", model, opt) if cfg.resume else (0, [])
+        if cfg.init_adapter and step == 0:
+            load_adapter(model, cfg.init_adapter)
+        elif cfg.copy_warmup and step == 0:
+            copy_warmup(model, tok, vocabulary(tok), cfg, device, autocast, say)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -315,7 +387,7 @@ def main(argv=None):
     say(f"δ-mem {cfg.write}: {sum(p.numel() for p in params):,} trainable parameters; {total} steps of "
         f"{cfg.batch_size} episodes" + (f" ({world} ranks x {cfg.batch_size // world})" if world > 1 else "")
         + f" on {device}; data: {stream.describe()}", flush=True)
-    val = episodes(cfg.task(), "valid", 64, seed=cfg.seed) if cfg.data is None else None
+    val = episodes(cfg.task(), "valid", 64, cfg.seed, stream.words) if cfg.data is None else None
     t0, done = time.time(), step
     try:
         while step < total:

@@ -1,5 +1,6 @@
 """train.py and data.py on a tiny random Llama with a tiny SmolLM2-style tokenizer (seconds on a CPU)."""
 import json
+import math
 import os
 import re
 import signal
@@ -11,14 +12,17 @@ import pytest
 import torch
 
 import train
-from data import TaskConfig, episode_loss, episodes, make_batch
+from data import TaskConfig, episode_loss, episodes, make_batch, vocabulary
 from data import main as main_data
+from deltamem_io import read_safetensors
 from tokenizer import load_tokenizer
 
 
 def config(tiny_ckpt, tmp_path, **change) -> train.TrainConfig:
-    return train.TrainConfig(ckpt=str(tiny_ckpt), out=str(tmp_path / "run"), device="cpu", batch_size=4,
-                             micro_batch=2, episodes=12, eval_every=100, eval_episodes=4, lr=1e-2, **change)
+    """A small run of the closed 3-fact task (the tests below check the mechanics, not the recipe)."""
+    return train.TrainConfig(**{**dict(ckpt=str(tiny_ckpt), out=str(tmp_path / "run"), device="cpu", batch_size=4,
+                                       micro_batch=2, episodes=12, eval_every=100, eval_episodes=4, lr=1e-2,
+                                       pool="lists", facts=3, copy_warmup=0), **change})
 
 
 def test_episode_tensors(tiny_ckpt):
@@ -77,7 +81,7 @@ def test_resume_gives_the_same_next_step(tiny_ckpt, tmp_path):
         return model, tok, torch.optim.AdamW(train.adapter_parameters(model).values(), lr=cfg.lr)
 
     no_autocast = lambda: torch.autocast("cpu", enabled=False)
-    stream = train.EpisodeStream(cfg)
+    stream = train.EpisodeStream(cfg, load_tokenizer(tiny_ckpt))
     step = lambda model, opt, tok, s: train.train_step(train.EpisodeLoss(model, cfg), opt, tok, cfg, stream, s, 4,
                                                         "cpu", no_autocast)["loss"]
     model, tok, opt = fresh()
@@ -100,6 +104,34 @@ def test_main_end_to_end(tiny_ckpt, tmp_path):
     results = json.loads((run / "eval.json").read_text())
     assert set(results) == {"valid", "test", "unseen"} and set(results["test"]) == set(train.CONDITIONS)
     assert all(c["n"] == 4 for split in results.values() for c in split.values())
+
+
+def test_copy_warmup_ties_keys_to_queries_and_teaches_the_read_out_to_name_words(tiny_ckpt, tmp_path):
+    cfg = config(tiny_ckpt, tmp_path, copy_warmup=150)
+    model, tok, device, autocast = train.setup(cfg)
+    said = []
+    train.copy_warmup(model, tok, vocabulary(tok), cfg, device, autocast, lambda text, **kw: said.append(text))
+    losses = [float(re.search(r"loss (\S+)", line).group(1)) for line in said]
+    uniform = math.log(len(vocabulary(tok)["trained"]))
+    assert losses[0] > 0.9 * uniform and losses[-1] < 0.5 * uniform, said
+    for block in model.model.layers:
+        mem = block.self_attn.delta_mem
+        assert torch.equal(mem.memory_k_proj.weight, mem.memory_q_proj.weight)
+
+
+def test_main_with_the_vocab_pool_and_copy_warmup(tiny_ckpt, tmp_path):
+    """The whole pipeline on the open-vocabulary task: warm-up, training, the final table on its three splits."""
+    train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "run"), "--episodes", "8", "--batch-size", "4",
+                "--eval-episodes", "4", "--device", "cpu", "--pool", "vocab", "--facts", "3", "--acks", "--filler", "1",
+                "--copy-warmup", "3"])
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert all(c["n"] == 4 for split in results.values() for c in split.values())
+    first = tmp_path / "run" / "adapter.safetensors"  # a curriculum's next stage starts from it (lr 0: stays it)
+    train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "next"), "--episodes", "4", "--batch-size", "4",
+                "--eval-episodes", "0", "--device", "cpu", "--init-adapter", str(first), "--lr", "0"])
+    assert read_safetensors(tmp_path / "next" / "adapter.safetensors")[0].keys() == read_safetensors(first)[0].keys()
+    assert all(torch.equal(a, read_safetensors(first)[0][k])
+               for k, a in read_safetensors(tmp_path / "next" / "adapter.safetensors")[0].items())
 
 
 def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path):
