@@ -11,6 +11,8 @@ Sections (each a function `bench_<name>(args) -> list[dict]`, one dict per table
   memory      bytes of the δ-mem state vs the KV cache holding the same history (computed, not timed).
   train       tokens/s of a training step on train.py's default episode batch (write + read pass, backward) in the
               --dtype, with the chunked scan vs the per-token loop, and the process's peak RSS.
+  activations what a bf16 write pass through Qwen3-4B keeps for the backward, with and without --grad-checkpoint,
+              counted on one Qwen3-4B-shaped layer and scaled to the whole model at --T-write tokens.
   compile     torch.compile on the δ-mem model vs eager prefill (not in the default sections: compiling is slow).
 
 Timing: each case runs once untimed (warm-up), then in rounds that alternate the compared sides, so that load from
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from data import TaskConfig, episode_loss, episodes, make_batch
 from deltamem import DeltaMemConfig, attach, delta_rule_chunked, delta_rule_loop
 from load_hf_weights import checkpoint_dir
-from model import KVCache, load_model
+from model import KVCache, ModelConfig, Transformer, load_model
 from runtime import DTYPES, HelpFormatter, configure, precision
 from tokenizer import load_tokenizer
 
@@ -253,6 +255,53 @@ def bench_train(args):
     return [row]
 
 
+QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                rope_theta=5000000, max_position_embeddings=262144, tie_word_embeddings=True)
+
+
+def saved_bytes(model, idx, dtype) -> dict[str, int]:
+    """Bytes autograd keeps for the backward of a write pass, by kind: activations (one row per token), attention
+    probabilities (T × T per head) and the weights (kept by reference: no extra memory)."""
+    params, T, kept = {id(p) for p in model.parameters()}, idx.shape[1], dict(activations=0, attention=0, weights=0)
+
+    def pack(t):
+        kind = ("weights" if id(t if t._base is None else t._base) in params
+                else "attention" if list(t.shape).count(T) == 2 else "activations")
+        kept[kind] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision(idx.device, dtype):
+        model(idx, logits=False)
+    return kept
+
+
+def bench_activations(args):
+    """Activation memory of a Qwen3-4B write pass (bf16 weights + autocast, δ-mem fp32), from one layer of its shape
+    at T = 256: per token and layer, and scaled to 36 layers × --T-write tokens plus the bf16 weights. With
+    --grad-checkpoint a block keeps only its input, and the backward recomputes one block at a time (+ that block's
+    activations once). The CPU's math attention kernel also keeps the T × T probabilities (4·heads·T bytes per token
+    and layer); CUDA's flash and memory-efficient kernels keep O(T) instead: reported apart, not in the total."""
+    with torch.device("meta"):
+        weights = 2 * sum(p.numel() for p in Transformer(ModelConfig.from_hf(QWEN3_4B)).parameters())
+    rows, T, L, T_write = [], 256, QWEN3_4B["num_hidden_layers"], args.T_write
+    per_token = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        layer = Transformer(ModelConfig.from_hf({**QWEN3_4B, "num_hidden_layers": 1, "vocab_size": 1024}))
+        model = attach(layer.to(torch.bfloat16), DeltaMemConfig(write="tsw"))
+        model.grad_checkpoint = checkpoint
+        kept = saved_bytes(model, torch.zeros(1, T, dtype=torch.long), torch.bfloat16)
+        per_token[checkpoint] = kept["activations"] / T  # bytes per token and layer
+        total = weights + per_token[checkpoint] * L * T_write + (per_token[False] * T_write if checkpoint else 0)
+        rows.append(dict(section="activations", grad_checkpoint=checkpoint,
+                         KiB_per_token_layer=round(per_token[checkpoint] / 2**10, 1),
+                         attention_KiB_per_token_layer=round(kept["attention"] / T / 2**10, 1), T_write=T_write,
+                         weights_GiB=round(weights / 2**30, 1), total_GiB=round(total / 2**30, 1)))
+        print_row(rows[-1])
+    return rows
+
+
 def bench_compile(args):
     """Whether torch.compile helps δ-mem prefill here (the repo's default stays eager unless it does)."""
     _, mem = memory_models(args)
@@ -271,7 +320,8 @@ def bench_compile(args):
 
 
 SECTIONS = {"scan": bench_scan, "chunk_size": bench_chunk_size, "backbone": bench_backbone, "prefill": bench_prefill,
-            "decode": bench_decode, "memory": bench_memory, "train": bench_train, "compile": bench_compile}
+            "decode": bench_decode, "memory": bench_memory, "train": bench_train, "activations": bench_activations,
+            "compile": bench_compile}
 
 
 def print_row(row):
@@ -302,7 +352,7 @@ def sections(text: str) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--sections", type=sections, default="scan,chunk_size,backbone,prefill,decode,memory,train",
+    p.add_argument("--sections", type=sections, default="scan,chunk_size,backbone,prefill,decode,memory,train,activations",
                    help=f"comma-separated, from: {', '.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (seconds; for tests)")
     p.add_argument("--out", default="bench.json", help="JSON file for all rows and the run's settings")
@@ -320,6 +370,7 @@ def main(argv=None):
     g.add_argument("--ckpt", help="converted checkpoint for the model sections; leave out for the embedded SmolLM2-135M")
     g.add_argument("--prefill", type=int, default=512, help="backbone section: prompt tokens timed for prefill")
     g.add_argument("--decode", type=int, default=64, help="backbone, decode sections: tokens decoded")
+    g.add_argument("--T-write", type=int, default=8192, help="activations section: write-pass tokens to estimate for")
     g.add_argument("--T-prefill", type=int, default=2048, help="prefill, compile sections: prompt tokens")
     g.add_argument("--T-decode", type=int, default=1024, help="decode section: prompt tokens before decoding")
     args = p.parse_args(argv)
