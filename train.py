@@ -418,12 +418,15 @@ def main(argv=None):
         return
     save_adapter(model, out / "adapter.safetensors", {"train_config": json.dumps(asdict(cfg))})
     plot_curve(log, out / "loss.png")
+    wrote = ["adapter.safetensors", "ckpt.pt", "loss.png"]
     if cfg.data is None and cfg.eval_episodes:
         final_evaluation(model, tok, cfg.task(), cfg.eval_episodes, cfg.seed, device, autocast, out)
+        wrote += ["eval.json", "eval.png"]
     elif cfg.eval_data:
         eps = [ep for c in read_chats(cfg.eval_data) for ep in chat_episodes(c, cfg.episode_config(), random.Random(0))]
         data_evaluation(model, tok, eps, device, autocast, out)
-    print(f"wrote {out}/adapter.safetensors, eval.json, eval.png, loss.png ({(time.time() - t0) / 60:.1f} min)")
+        wrote.append("eval.json")
+    print(f"wrote {', '.join(wrote)} to {out} ({(time.time() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":
