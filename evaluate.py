@@ -262,32 +262,32 @@ def probe(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, bat
     values = words["trained"] + words["unseen"] if words else [v for a in task.names for v in ATTRIBUTES[a]]
     candidates = torch.tensor(sorted({tok.encode(" " + v)[0] for v in values}))
 
-    def features(eps, shuffled):
-        X, y = [], []
+    def features(eps, shuffled=False):  # reads of each episode's own state (and of a shuffled one) + value ids
+        X, X_shuffled, y = [], [], []
         for i in range(0, len(eps), batch_size):
             b = make_batch(tok, eps[i:i + batch_size], device)
             with autocast():
                 state = write_pass(model, b)
-                X.append(state_reads(model, b, [s.roll(1, 0) for s in state] if shuffled else state).float().cpu())
+                X.append(state_reads(model, b, state).float().cpu())
+                if shuffled:
+                    X_shuffled.append(state_reads(model, b, [s.roll(1, 0) for s in state]).float().cpu())
             y += [b["read"][j, start].item() for j, (start, _) in enumerate(b["value_pos"])]
-        return torch.cat(X), torch.tensor(y)
+        return torch.cat(X), (torch.cat(X_shuffled) if shuffled else None), torch.tensor(y)
 
     def nearest(X, W, mu_x, mu_y):  # the candidate token whose embedding is closest to the probe's prediction
         C = torch.nn.functional.normalize(E[candidates].cpu(), dim=-1)  # (K, d)
         return candidates[(torch.nn.functional.normalize((X - mu_x) @ W + mu_y, dim=-1) @ C.T).argmax(-1)]
 
-    X, y = features(episodes(task, "train", n, seed, words), shuffled=False)
+    X, _, y = features(episodes(task, "train", n, seed, words))
     Y = E[y].cpu()  # (N, d)
     mu_x, mu_y = X.mean(0), Y.mean(0)
     G = (X - mu_x).T @ (X - mu_x)  # (D, D)
     W = torch.linalg.solve(G + ridge * G.trace() / len(G) * torch.eye(len(G)), (X - mu_x).T @ (Y - mu_y))  # (D, d)
     out = {"fit": (nearest(X, W, mu_x, mu_y) == y).float().mean().item(), "chance": 1 / len(candidates), "n": n}
     for split in ("valid", "test", "unseen"):
-        eps = episodes(task, split, n, seed + 1, words)
-        out[split] = {}
-        for condition in ("state", "shuffled"):
-            Xs, ys = features(eps, shuffled=condition == "shuffled")
-            out[split][condition] = (nearest(Xs, W, mu_x, mu_y) == ys).float().mean().item()
+        X_state, X_shuffled, ys = features(episodes(task, split, n, seed + 1, words), shuffled=True)
+        out[split] = {condition: (nearest(Xs, W, mu_x, mu_y) == ys).float().mean().item()
+                      for condition, Xs in (("state", X_state), ("shuffled", X_shuffled))}
     return out
 
 

@@ -378,7 +378,7 @@ def main(argv=None):
         if cfg.init_adapter and step == 0:
             load_adapter(model, cfg.init_adapter)
         elif cfg.copy_warmup and step == 0:
-            copy_warmup(model, tok, vocabulary(tok), cfg, device, autocast, say)
+            copy_warmup(model, tok, stream.words or vocabulary(tok), cfg, device, autocast, say)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltamem
+from bench import QWEN3_4B
 from deltamem import DeltaMemConfig, attach, delta_rule_loop
 from deltamem_io import load_adapter, load_state, save_adapter, save_state
 from model import KVCache, MemoryCall, ModelConfig, Transformer, load_model
@@ -237,11 +238,6 @@ def test_gradients_reach_the_memory_through_the_state():
     mem = model.model.layers[0].self_attn.delta_mem
     assert mem.memory_k_proj.weight.grad.abs().sum() > 0 and mem.memory_v_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if ".delta_mem." not in n)
-
-
-QWEN3_4B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                rope_theta=5000000, max_position_embeddings=262144, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("write, expected", [("tsw", 4_866_336), ("ssw", 4_866_336), ("msw", 19_465_344)])
