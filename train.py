@@ -82,7 +82,6 @@ class TrainConfig:
     beta_weight: float = 0.01  # weight of the β sparsity term
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
     copy_warmup: int = 300  # steps that teach the read-out to copy words before the task (0: the paper's init; see copy_warmup)
-    gate_warmup: int = 0  # steps that teach the write gate to write surprising tokens before the task (0: the paper's init; see gate_warmup)
     init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no warm-up
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
@@ -224,11 +223,10 @@ def plot_curve(log: list[dict], path: Path):
 # ----------------------------------------------------------------------------- copy warm-up (not in the paper)
 
 @torch.no_grad()
-def backbone_inputs(model, idx: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the frozen backbone (empty state, no writes) makes of the tokens of idx (B, T): every layer's δ-mem
-    input x (L, B·T, d), the final norm's 1/rms (B·T, 1) and each token's surprisal −log p(token | the tokens
-    before it) in nats (B·T,; 0 for the first), all fp32."""
-    xs, inv_rms, surprisal = [], [], []
+def backbone_inputs(model, idx: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's δ-mem input x and the final norm's 1/rms for the tokens of idx (B, T), from the frozen
+    backbone with an empty state: (L, B·T, d) and (B·T, 1), fp32."""
+    xs, inv_rms = [], []
     hooks = [block.self_attn.delta_mem.register_forward_hook(lambda m, args, out: xs.append(args[0].float()))
              for block in model.model.layers]
     norm = model.model.norm
@@ -237,16 +235,13 @@ def backbone_inputs(model, idx: torch.Tensor, autocast) -> tuple[torch.Tensor, t
     try:
         for chunk in idx.split(8):
             with autocast():
-                logits, _ = model(chunk, write=False, logits=torch.ones_like(chunk, dtype=torch.bool))
-            logp = logits.float().view(*chunk.shape, -1).log_softmax(-1)  # (b, T, V)
-            nats = -logp[:, :-1].gather(-1, chunk[:, 1:, None]).squeeze(-1)  # (b, T-1): token t+1 given tokens ≤ t
-            surprisal.append(F.pad(nats, (1, 0)).flatten())  # (b·T,)
+                model(chunk, write=False, logits=torch.ones_like(chunk, dtype=torch.bool))
     finally:
         for h in hooks:
             h.remove()
     L, d = len(model.model.layers), xs[0].shape[-1]
     x = torch.stack([torch.cat(xs[layer::L]) for layer in range(L)]).reshape(L, -1, d)  # (L, B·T, d)
-    return x, torch.cat(inv_rms).reshape(-1, 1), torch.cat(surprisal)
+    return x, torch.cat(inv_rms).reshape(-1, 1)
 
 
 def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say):
@@ -264,7 +259,7 @@ def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.tensor([tok.encode(" " + w)[0] for w in words["trained"]], device=device)  # (V,)
     which = torch.randint(len(ids), (64, 64), generator=gen).to(device)  # (B, T) random words, as pool indices
-    x, inv_rms, _ = backbone_inputs(model, ids[which], autocast)  # (L, N, d), (N, 1)
+    x, inv_rms = backbone_inputs(model, ids[which], autocast)  # (L, N, d), (N, 1)
     with torch.no_grad():
         for m in mems:
             m.memory_k_proj.weight.copy_(m.memory_q_proj.weight)
@@ -282,40 +277,6 @@ def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say
         if step % 50 == 0 or step == cfg.copy_warmup - 1:
             say(f"copy warm-up {step + 1}/{cfg.copy_warmup}: loss {loss.item():.2f} (uniform {math.log(len(ids)):.2f})",
                 flush=True)
-
-
-SURPRISING_NATS = 8.0  # gate warm-up: a token is worth writing if the backbone gave it less than e^-8 ≈ 3e-4
-WRITE_BETA = 0.5  # gate warm-up: the write gate β such a token gets; every other token gets ≈ 0
-
-
-def gate_warmup(model, tok, stream: EpisodeStream, cfg: TrainConfig, device, autocast, say):
-    """Teach the write gate what to write before teaching the task (ours, not the paper's). Each write keeps only λ =
-    1 − β of every row of the state, so a fact survives the tokens after it only if they write little: with β ≈ 0.05
-    everywhere, a fact 60 tokens back keeps 5% of its weight. Trained end to end, the gate learns this slowly (in
-    data.py's chats the facts are ~3 of ~100 written tokens). So: fit W_β and b_β of every layer so that β ≈ WRITE_BETA
-    on the tokens the frozen backbone found surprising (names, numbers, new words; the values of data.py's facts
-    average ~14 nats, the chat template and small talk ~2) and β ≈ 0 elsewhere, by cross-entropy on the write passes
-    of the first 8 training batches. Needs no labels, so it works on --data chats as on data.py's task."""
-    mems = [block.self_attn.delta_mem for block in model.model.layers]
-    batches = [make_batch(tok, stream.batch(step), device, cfg.write_len) for step in range(8)]
-    width = max(b["write"].shape[1] for b in batches)
-    write = torch.cat([F.pad(b["write"], (0, width - b["write"].shape[1])) for b in batches])  # (64, T)
-    real = torch.cat([F.pad(b["write_real"], (0, width - b["write"].shape[1])) for b in batches]).flatten()  # (64·T,)
-    x, _, nats = backbone_inputs(model, write, autocast)  # right padding: the real tokens never see it
-    x, target = x[:, real], WRITE_BETA * (nats[real] > SURPRISING_NATS).float()  # (L, N, d), (N,)
-    params = [p for m in mems for p in (m.beta_proj.weight, m.beta_bias)]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    for step in range(cfg.gate_warmup):
-        logit = torch.stack([m.beta_proj(x[layer]) + m.beta_bias for layer, m in enumerate(mems)])  # (L, N, m)
-        loss = F.binary_cross_entropy_with_logits(logit, target[None, :, None].expand_as(logit))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == cfg.gate_warmup - 1:
-            beta = torch.sigmoid(logit.detach())
-            say(f"gate warm-up {step + 1}/{cfg.gate_warmup}: loss {loss.item():.3f}, mean β on the {int(target.gt(0).sum())}"
-                f" surprising tokens {beta[:, target > 0].mean():.3f}, on the other {int(target.eq(0).sum())} "
-                f"{beta[:, target == 0].mean():.4f}", flush=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -418,8 +379,6 @@ def main(argv=None):
             load_adapter(model, cfg.init_adapter)
         elif cfg.copy_warmup and step == 0:
             copy_warmup(model, tok, stream.words or vocabulary(tok), cfg, device, autocast, say)
-        if cfg.gate_warmup and step == 0 and not cfg.init_adapter:
-            gate_warmup(model, tok, stream, cfg, device, autocast, say)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
