@@ -190,13 +190,16 @@ def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, au
 
 def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fillers=(0, 1, 2, 4, 8)) -> dict:
     """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
-    the history (capacity, no filler) and (2) against filler turns after a single fact (forgetting)."""
+    the history (capacity, no filler; with the "vocab" pool up to all 8 attributes, the untrained ones included)
+    and (2) against filler turns after a single fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
     words = task_words(task, tok)
     point = lambda t: {k: v["value"] / v["n"] for k, v in
                        evaluate(model, tok, episodes(t, "valid", n, seed, words), device, autocast,
                                 conditions=conditions).items()}
-    capacity = {k: point(TaskConfig(**{**vars(task), "facts": k, "filler": 0})) for k in range(1, task.attributes + 1)}
+    most = len(ATTRIBUTES) if task.pool == "vocab" else task.attributes  # vocab words are values of any attribute
+    capacity = {k: point(TaskConfig(**{**vars(task), "attributes": max(k, task.attributes), "facts": k, "filler": 0}))
+                for k in range(1, most + 1)}
     forgetting = {}
     for f in fillers:
         t = TaskConfig(**{**vars(task), "facts": 1, "filler": f})

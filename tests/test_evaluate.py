@@ -113,6 +113,8 @@ def test_curves_points(tiny_ckpt):
     assert list(res["capacity"]) == [1, 2, 3] and list(res["forgetting"]) == [0, 2]
     assert res["forgetting"][0]["tokens_after"] == 0 < res["forgetting"][2]["tokens_after"]
     assert all(0 <= v <= 1 for p in res["capacity"].values() for v in p.values())
+    res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=1, pool="vocab"), 2, 0, "cpu", fp32, fillers=(0,))
+    assert list(res["capacity"]) == list(range(1, 9))  # vocabulary words fit every attribute: up to all 8 facts
 
 
 def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
