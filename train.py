@@ -1,6 +1,7 @@
 """Fit a δ-mem adapter on a frozen backbone, then evaluate whether its state remembers.
 
     python train.py --write tsw                       # the embedded SmolLM2-135M on CPU, data.py's task
+    python train.py --acks --filler 1 --init-adapter runs/tsw/adapter.safetensors --out runs/chat   # then chat-shaped
     python train.py --data chats.jsonl --eval-data heldout.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
     torchrun --nproc_per_node 8 train.py --data chats.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
 
