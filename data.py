@@ -59,7 +59,7 @@ class TaskConfig:
     values: int = 8  # training values per attribute
     unseen_values: int = 4  # further values per attribute, never in training (the "unseen" split)
     facts: int = 3  # facts per history, each about a different attribute (≤ attributes)
-    filler: int = 0  # filler turns (user + assistant) placed at random between and after the facts
+    filler: int = 0  # filler turns (user + assistant) placed at random before, between and after the facts
     heldout: int = 2  # (attribute, value) pairs per attribute never asked in training (the "test" split)
     answer: str = "short"  # "short": "It's teal." / "sentence": "Your favourite colour is teal."
     pool: str = "lists"  # values: "lists" (values + unseen_values per attribute) or "vocab" (see `vocabulary`)
@@ -139,9 +139,9 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> di
         for turn, (a, v) in zip(turns, facts.items()):
             turn.append({"role": "assistant", "content": rng.choice(ACKS).format(attribute=a, value=v)})
     rng.shuffle(turns)  # the asked fact may be anywhere in the history
-    for _ in range(cfg.filler):  # filler after any fact
+    for _ in range(cfg.filler):  # small talk anywhere: before, between or after the facts
         user, assistant = rng.choice(FILLER)
-        turns.insert(rng.randint(1, len(turns)), [{"role": "user", "content": user},
+        turns.insert(rng.randint(0, len(turns)), [{"role": "user", "content": user},
                                                   {"role": "assistant", "content": assistant}])
     return {"messages": [m for turn in turns for m in turn] + [
                 {"role": "user", "content": f"What is my favourite {asked}?"},
