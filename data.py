@@ -130,7 +130,8 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
 
 
 def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> dict:
-    """One chat record: {"messages": history + question + answer, "value": the value asked about}."""
+    """One chat record: {"messages": history + question + answer, "value": the value asked about, "facts": every
+    fact's value in the order the history tells them}."""
     attributes = rng.sample(cfg.names, cfg.facts)
     asked = attributes[0]
     facts = {a: draw_value(rng, cfg, a, split, a == asked, words) for a in attributes}
@@ -138,7 +139,9 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> di
     if cfg.acks:
         for turn, (a, v) in zip(turns, facts.items()):
             turn.append({"role": "assistant", "content": rng.choice(ACKS).format(attribute=a, value=v)})
-    rng.shuffle(turns)  # the asked fact may be anywhere in the history
+    order = list(zip(facts.values(), turns))
+    rng.shuffle(order)  # the asked fact may be anywhere in the history
+    turns = [turn for _, turn in order]
     for _ in range(cfg.filler):  # small talk anywhere: before, between or after the facts
         user, assistant = rng.choice(FILLER)
         turns.insert(rng.randint(0, len(turns)), [{"role": "user", "content": user},
@@ -146,7 +149,7 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> di
     return {"messages": [m for turn in turns for m in turn] + [
                 {"role": "user", "content": f"What is my favourite {asked}?"},
                 {"role": "assistant", "content": answer_text(cfg, asked, facts[asked])}],
-            "value": facts[asked]}
+            "value": facts[asked], "facts": [value for value, _ in order]}
 
 
 def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
@@ -158,8 +161,9 @@ def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[di
 
 
 def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
-    """n episodes of the task: each chat's history written, its question read, its answer the target (+ the value)."""
-    return [{**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"]}
+    """n episodes of the task: each chat's history written, its question read, its answer the target (+ the value
+    and the facts' values)."""
+    return [{**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"], "facts": c["facts"]}
             for c in chats(cfg, split, n, seed, words)]
 
 

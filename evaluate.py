@@ -133,6 +133,39 @@ def teacher_forced(model, tok, group, state, in_context: bool, device) -> tuple[
     return exact, value
 
 
+def answered_facts(model, tok, group, state, device) -> list[int]:
+    """Which of each episode's facts the read on `state` names (question only in context): the index, in the order
+    the history tells them, of the fact whose value's first token is the argmax where the value starts (the first
+    such fact: "vocab" values are single tokens, but two "lists" values may share a first token); -1 if none."""
+    rows, at = [], []
+    for ep in group:
+        prompt = tok.encode_chat(ep["read"])
+        rows.append(prompt + target_ids(tok, ep))
+        at.append(len(prompt) + value_span(tok, ep)[0] - 1)  # the position that predicts the value's first token
+    ids = pad(rows, 0).to(device)  # (B, T)
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[torch.arange(len(rows)), torch.tensor(at)] = True
+    logits, _ = model(ids, state=state, write=False, pad_mask=pad([[1] * len(r) for r in rows], 0).bool().to(device),
+                      logits=where)  # (B, V)
+    firsts = [[tok.encode(" " + v)[0] for v in ep["facts"]] for ep in group]  # each fact's value, first token
+    return [f.index(p) if p in f else -1 for f, p in zip(firsts, logits.argmax(-1).tolist())]
+
+
+def addressing(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dict:
+    """Episodes of several facts, state only: the recall by where the asked fact is in the history (first, second,
+    ...), and how often the read names another fact's value instead (the state holds it but the query does not
+    pick the asked one)."""
+    answered = []
+    for i in range(0, len(eps), batch_size):
+        group = eps[i:i + batch_size]
+        with autocast():
+            answered += answered_facts(model, tok, group, write_pass(model, make_batch(tok, group, device)), device)
+    asked = [ep["facts"].index(ep["value"]) for ep in eps]
+    by_place = [[a == k for a, k in zip(answered, asked) if k == place] for place in range(len(eps[0]["facts"]))]
+    return {"recall_by_place": [sum(x) / max(1, len(x)) for x in by_place],
+            "another_fact": sum(a not in (-1, k) for a, k in zip(answered, asked)) / len(eps)}
+
+
 def generate_answers(model, tok, prompts: list[list[int]], state, max_new_tokens: int, device) -> list[str]:
     """Greedy continuations of a left-padded batch of prompts, read-only on `state`, cut at the first stop id."""
     idx = pad(prompts, 0, left=True).to(device)  # (B, T)
@@ -190,26 +223,39 @@ def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, au
 
 def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fillers=(0, 1, 2, 4, 8)) -> dict:
     """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
-    the history (capacity, no filler; with the "vocab" pool up to all 8 attributes, the untrained ones included)
-    and (2) against filler turns after a single fact (forgetting)."""
+    the history (capacity, no filler; with the "vocab" pool up to all 8 attributes, the untrained ones included;
+    with the `addressing` breakdown) and (2) against filler turns after a single fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
     words = task_words(task, tok)
-    point = lambda t: {k: v["value"] / v["n"] for k, v in
-                       evaluate(model, tok, episodes(t, "valid", n, seed, words), device, autocast,
-                                conditions=conditions).items()}
+    point = lambda eps: {k: v["value"] / v["n"] for k, v in
+                         evaluate(model, tok, eps, device, autocast, conditions=conditions).items()}
     most = len(ATTRIBUTES) if task.pool == "vocab" else task.attributes  # vocab words are values of any attribute
-    capacity = {k: point(TaskConfig(**{**vars(task), "attributes": max(k, task.attributes), "facts": k, "filler": 0}))
-                for k in range(1, most + 1)}
+    capacity = {}
+    for k in range(1, most + 1):
+        eps = episodes(TaskConfig(**{**vars(task), "attributes": max(k, task.attributes), "facts": k, "filler": 0}),
+                       "valid", n, seed, words)
+        capacity[k] = {**point(eps), **(addressing(model, tok, eps, device, autocast) if k > 1 else {})}
     forgetting = {}
     for f in fillers:
-        t = TaskConfig(**{**vars(task), "facts": 1, "filler": f})
-        after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in episodes(t, "valid", n, seed, words)]
-        forgetting[f] = {**point(t), "tokens_after": sum(after) / n}
+        eps = [fact_first(ep) for ep in episodes(TaskConfig(**{**vars(task), "facts": 1, "filler": f}), "valid", n,
+                                                     seed, words)]
+        after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in eps]
+        forgetting[f] = {**point(eps), "tokens_after": sum(after) / n}
     return {"capacity": capacity, "forgetting": forgetting, "n": n}
 
 
+def fact_first(ep: dict) -> dict:
+    """A one-fact episode with its fact (and the acknowledgement, if any) moved to the front of the written
+    history, so that all the small talk comes after it."""
+    w = ep["write"]
+    i = next(i for i, m in enumerate(w) if m["content"].startswith("My favourite"))
+    n = 2 if i + 1 < len(w) and w[i + 1]["role"] == "assistant" else 1  # the fact's user turn + its acknowledgement
+    return {**ep, "write": w[i:i + n] + w[:i] + w[i + n:]}
+
+
 def plot_curves(results: dict, path: Path):
-    """One line per adapter (solid: state only, dotted: shuffled state) in a capacity and a forgetting panel."""
+    """One line per adapter (solid: state only, dotted: shuffled state; dashed: the state names another fact's
+    value) in a capacity and a forgetting panel."""
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for i, (name, r) in enumerate(results.items()):
@@ -217,6 +263,9 @@ def plot_curves(results: dict, path: Path):
         ax1.plot(list(cap), [v["c_state_only"] for v in cap.values()], "o-", c=f"C{i}", label=f"{name} state")
         ax1.plot(list(cap), [v["d_shuffled_state"] for v in cap.values()], "o:", c=f"C{i}", alpha=0.6,
                  label=f"{name} shuffled")
+        several = {k: v for k, v in cap.items() if "another_fact" in v}
+        ax1.plot(list(several), [v["another_fact"] for v in several.values()], "x--", c=f"C{i}", alpha=0.6,
+                 label=f"{name} names another fact")
         x = [v["tokens_after"] for v in fog.values()]
         ax2.plot(x, [v["c_state_only"] for v in fog.values()], "o-", c=f"C{i}")
         ax2.plot(x, [v["d_shuffled_state"] for v in fog.values()], "o:", c=f"C{i}", alpha=0.6)

@@ -90,10 +90,18 @@ def test_the_task_written_as_a_chat_file_gives_the_same_episodes(tmp_path):
     main(["--out", str(path), "--split", "train", "--n", "50", "--seed", "3", "--filler", "1"])
     task = TaskConfig(filler=1)
     from_file = [ep for c in read_chats(path) for ep in chat_episodes(c, EpisodeConfig(), random.Random(0))]
-    built_in = [{k: v for k, v in ep.items() if k != "value"} for ep in episodes(task, "train", 50, seed=3)]
+    built_in = [{k: v for k, v in ep.items() if k not in ("value", "facts")}
+                for ep in episodes(task, "train", 50, seed=3)]
     assert from_file == built_in
     assert [json.loads(line)["value"] for line in path.read_text().splitlines()] == [
         c["value"] for c in chats(task, "train", 50, seed=3)]
+
+
+def test_facts_are_listed_in_the_order_the_history_tells_them():
+    for c in chats(TaskConfig(facts=3, filler=2, acks=True), "valid", 50, seed=0):
+        told = [m["content"].split()[-1][:-1] for m in c["messages"][:-2] if m["content"].startswith("My favourite")]
+        assert c["facts"] == told and c["value"] in told
+    assert {c["facts"].index(c["value"]) for c in chats(TaskConfig(facts=3), "valid", 50, seed=0)} == {0, 1, 2}
 
 
 WORDS = {"trained": [f"word{i}" for i in range(300)], "unseen": [f"new{i}" for i in range(30)]}  # a stand-in pool

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-from data import TaskConfig
+from data import TaskConfig, episodes
 from deltamem import DeltaMemConfig, attach
 from deltamem_io import save_adapter
 from model import load_model
@@ -112,9 +112,38 @@ def test_curves_points(tiny_ckpt):
     res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=2), 4, 0, "cpu", fp32, fillers=(0, 2))
     assert list(res["capacity"]) == [1, 2, 3] and list(res["forgetting"]) == [0, 2]
     assert res["forgetting"][0]["tokens_after"] == 0 < res["forgetting"][2]["tokens_after"]
-    assert all(0 <= v <= 1 for p in res["capacity"].values() for v in p.values())
+    assert all(0 <= v <= 1 for p in res["capacity"].values() for k, v in p.items() if k != "recall_by_place")
+    assert "another_fact" not in res["capacity"][1] and len(res["capacity"][3]["recall_by_place"]) == 3
     res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=1, pool="vocab"), 2, 0, "cpu", fp32, fillers=(0,))
     assert list(res["capacity"]) == list(range(1, 9))  # vocabulary words fit every attribute: up to all 8 facts
+
+
+def test_addressing_says_which_fact_the_read_names(tiny_ckpt, monkeypatch):
+    _, tok = tiny(tiny_ckpt)
+    eps = [ep for ep in episodes(TaskConfig(attributes=3, facts=3), "valid", 24, seed=0)  # told apart by a first token
+           if len({tok.encode(" " + v)[0] for v in ep["facts"]}) == 3]
+    asked = [ep["facts"].index(ep["value"]) for ep in eps]
+    assert set(asked) == {0, 1, 2}
+
+    def names_the_second_fact(ids, state, write, pad_mask, logits):  # a stand-in model: (B, V) logits
+        out = torch.zeros(len(ids), tok.vocab_size)
+        for j, ep in enumerate(eps[:len(ids)]):
+            out[j, tok.encode(" " + ep["facts"][1])[0]] = 1.0
+        return out, None
+    monkeypatch.setattr(evaluate, "write_pass", lambda model, b: None)
+    res = evaluate.addressing(names_the_second_fact, tok, eps, "cpu", fp32, batch_size=len(eps))
+    assert res == {"recall_by_place": [0.0, 1.0, 0.0], "another_fact": sum(a != 1 for a in asked) / len(eps)}
+
+
+@pytest.mark.parametrize("acks", [False, True])
+def test_fact_first_puts_all_small_talk_after_the_fact(acks):
+    eps = episodes(TaskConfig(facts=1, filler=3, acks=acks), "valid", 32, seed=0)
+    assert any(not ep["write"][0]["content"].startswith("My favourite") for ep in eps)  # small talk may come first
+    for ep in eps:
+        moved = evaluate.fact_first(ep)["write"]
+        assert moved[0]["content"].startswith("My favourite") and len(moved) == len(ep["write"])
+        assert (moved[1]["role"] == "assistant") == acks  # the acknowledgement stays with its fact
+        assert sorted(map(str, moved)) == sorted(map(str, ep["write"]))
 
 
 def test_cli_table_curves_locomo_and_errors(tiny_ckpt, tmp_path):
