@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats,
+from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats,
                   task_words, vocabulary)
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
 from deltamem_io import atomic_path, base_model_id, load_adapter, save_adapter
@@ -245,22 +245,49 @@ def backbone_inputs(model, idx: torch.Tensor, autocast) -> tuple[torch.Tensor, t
     return x, torch.cat(inv_rms).reshape(-1, 1)
 
 
+def token_examples(model, ids: torch.Tensor, gen, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What TSW writes: every token's own x, from random sequences of the pool's words (ids: (V,) their token ids).
+    Returns x (L, N, d), the final norm's 1/rms (N, 1) and each example's word as a pool index (N,)."""
+    which = torch.randint(len(ids), (64, 64), generator=gen).to(ids.device)  # (B, T) random words, as pool indices
+    x, inv_rms = backbone_inputs(model, ids[which], autocast)  # (L, B·T, d), (B·T, 1)
+    return x, inv_rms, which.flatten()
+
+
+def message_examples(model, tok, words: list[str], gen, autocast, device) -> tuple[torch.Tensor, ...]:
+    """What SSW writes: the mean x of a whole message, here a user message stating one of data.py's facts about a
+    random pool word ("My favourite colour is teal."; 256 per attribute), in which the word is one token of ~11.
+    Returns the means (L, N, d), the messages' mean 1/rms (N, 1) and each message's word as a pool index (N,)."""
+    xs, inv, targets = [], [], []
+    for attribute in ATTRIBUTES:
+        which = torch.randint(len(words), (256,), generator=gen)  # (B,)
+        rows = [tok.encode_message({"role": "user", "content": f"My favourite {attribute} is {words[i]}."})
+                for i in which.tolist()]  # the same length: pool words are one token here
+        x, inv_rms = backbone_inputs(model, torch.tensor(rows, device=device), autocast)  # (L, B·T, d), (B·T, 1)
+        B, T = len(rows), len(rows[0])
+        xs.append(x.unflatten(1, (B, T)).mean(2))  # (L, B, d)
+        inv.append(inv_rms.reshape(B, T, 1).mean(1))  # (B, 1)
+        targets.append(which.to(device))
+    return torch.cat(xs, 1), torch.cat(inv), torch.cat(targets)
+
+
 def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say):
     """Teach the read-out to copy before teaching the task (ours, not the paper's). δ-mem's read at a question is
     mostly a sum of the values v = W_mv x written under keys like the question's query; for the answer to be a word
     the adapter never trained on, the path read -> Δo -> logits must carry the word itself. So: tie W_mk to W_mq (a
     query then matches keys written by similar inputs, with positive weight), and fit W_mv and W_Δo of every layer
-    so that a token's own value, read back through Δo of every layer and summed, Σ_l (α/r) W_Δo W_mv x_l, as the
-    final norm would scale it, makes the frozen lm_head name the token among the trained words. The x_l come from one
-    backbone pass over random sequences of data.vocabulary's trained words (whatever the task); each step fits 512
-    of their tokens."""
+    so that a written input's value, read back through Δo of every layer and summed, Σ_l (α/r) W_Δo W_mv x_l, as
+    the final norm would scale it, makes the frozen lm_head name its word among data.vocabulary's trained words.
+    The written inputs are what the write mode writes: a token's own x (TSW, MSW; random word sequences, whatever
+    the task) or a message's mean x (SSW; fact messages); each step fits 512 of them."""
     mems = [block.self_attn.delta_mem for block in model.model.layers]
     if "o" not in mems[0].cfg.heads:
         raise ValueError("--copy-warmup fits the Δo read-out: the adapter needs an 'o' head")
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.tensor([tok.encode(" " + w)[0] for w in words["trained"]], device=device)  # (V,)
-    which = torch.randint(len(ids), (64, 64), generator=gen).to(device)  # (B, T) random words, as pool indices
-    x, inv_rms = backbone_inputs(model, ids[which], autocast)  # (L, N, d), (N, 1)
+    if mems[0].cfg.write == "ssw":
+        x, inv_rms, target = message_examples(model, tok, words["trained"], gen, autocast, device)
+    else:
+        x, inv_rms, target = token_examples(model, ids, gen, autocast)  # (L, N, d), (N, 1), (N,)
     with torch.no_grad():
         for m in mems:
             m.memory_k_proj.weight.copy_(m.memory_q_proj.weight)
@@ -271,7 +298,7 @@ def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say
     for step in range(cfg.copy_warmup):
         pick = torch.randint(x.shape[1], (512,), generator=gen).to(device)
         read_out = sum(m.delta_o_proj(m.memory_v_proj(x[layer, pick])) for layer, m in enumerate(mems))  # (512, d)
-        loss = F.cross_entropy(scale * read_out * inv_rms[pick] @ E.T, which.flatten()[pick])
+        loss = F.cross_entropy(scale * read_out * inv_rms[pick] @ E.T, target[pick])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -106,8 +106,9 @@ def test_main_end_to_end(tiny_ckpt, tmp_path):
     assert all(c["n"] == 4 for split in results.values() for c in split.values())
 
 
-def test_copy_warmup_ties_keys_to_queries_and_teaches_the_read_out_to_name_words(tiny_ckpt, tmp_path):
-    cfg = config(tiny_ckpt, tmp_path, copy_warmup=150)
+@pytest.mark.parametrize("write", ["tsw", "ssw"])  # ssw: from the mean input of a fact message
+def test_copy_warmup_ties_keys_to_queries_and_teaches_the_read_out_to_name_words(tiny_ckpt, tmp_path, write):
+    cfg = config(tiny_ckpt, tmp_path, copy_warmup=150, write=write)
     model, tok, device, autocast = train.setup(cfg)
     said = []
     train.copy_warmup(model, tok, vocabulary(tok), cfg, device, autocast, lambda text, **kw: said.append(text))
