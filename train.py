@@ -82,7 +82,7 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute each block's activations in the backward: less memory, ~1.3x the time
     beta_weight: float = 0.01  # weight of the β sparsity term
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
-    copy_warmup: int = 300  # steps that teach the read-out to copy words before the task (0: the paper's init; see copy_warmup)
+    copy_warmup: int | None = None  # steps teaching the read-out to copy words first: leave out for 300 (1500 for ssw); 0: none
     init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no warm-up
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
@@ -94,6 +94,10 @@ class TrainConfig:
     threads: int = os.cpu_count()  # CPU threads (under torchrun: shared by the local ranks); two jobs on the same cores run 2-6x slower
     seed: int = 0  # seeds the adapter init and the episode stream
     resume: bool = False  # continue from out/ckpt.pt
+
+    def __post_init__(self):
+        if self.copy_warmup is None:
+            self.copy_warmup = 1500 if self.write == "ssw" else 300
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
@@ -350,7 +354,8 @@ def parse_args(argv=None) -> TrainConfig:
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=f.type if f.type in (int, float) else str, choices=choices.get(f.name), **kw)
+            kind = int if f.type == int | None else f.type if f.type in (int, float) else str
+            p.add_argument(flag, type=kind, choices=choices.get(f.name), **kw)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

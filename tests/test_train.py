@@ -164,6 +164,15 @@ def test_every_flag_has_help(capsys):
     assert set(train.field_help()) == {f.name for f in train.fields(train.TrainConfig)}  # no field left undocumented
 
 
+def test_copy_warmup_default_depends_on_the_write_mode():
+    """SSW fits message means, which take ~5x the steps of token inputs; an explicit value (0 included) wins."""
+    assert train.parse_args([]).copy_warmup == 300
+    assert train.parse_args(["--write", "msw"]).copy_warmup == 300
+    assert train.parse_args(["--write", "ssw"]).copy_warmup == 1500
+    assert train.parse_args(["--write", "ssw", "--copy-warmup", "0"]).copy_warmup == 0
+    assert train.parse_args(["--copy-warmup", "7"]).copy_warmup == 7
+
+
 def test_ctrl_c_during_training_leaves_a_loadable_checkpoint(tiny_ckpt, tmp_path):
     """A real SIGINT to a running `train.py`: it saves ckpt.pt at the step reached, and --resume can load it."""
     cfg = config(tiny_ckpt, tmp_path)
