@@ -72,7 +72,7 @@ class TrainConfig:
     pool: str = "vocab"  # values: vocab (~16k words from the tokenizer, 1 in 10 never trained) | lists (8 per attribute)
     acks: bool = False  # the assistant acknowledges each fact, as in a chat
     # optimisation
-    episodes: int = 1600  # training episodes in total
+    episodes: int = 2400  # training episodes in total
     batch_size: int = 8  # episodes per optimizer step
     micro_batch: int = 8  # episodes per forward/backward (accumulated up to batch_size)
     lr: float = 3e-3  # peak learning rate (paper: 2e-4 at 32 episodes/step on a 4B model)
