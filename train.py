@@ -445,7 +445,8 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log)
         sys.exit(f"interrupted at step {step}; saved {out / 'ckpt.pt'} (continue with --resume)")
-    if world > 1:
+    if world > 1:  # leave together: a rank that exits while another still saves aborted in gloo (SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return
