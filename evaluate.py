@@ -224,7 +224,7 @@ def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, au
 def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fillers=(0, 1, 2, 4, 8)) -> dict:
     """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
     the history (capacity, no filler; with the "vocab" pool up to all 8 attributes, the untrained ones included;
-    with the `addressing` breakdown) and (2) against filler turns after a single fact (forgetting)."""
+    with the `addressing` breakdown and, for token writes, the `anatomy`) and (2) against filler turns after a single fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
     words = task_words(task, tok)
     point = lambda eps: {k: v["value"] / v["n"] for k, v in
@@ -234,7 +234,9 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
     for k in range(1, most + 1):
         eps = episodes(TaskConfig(**{**vars(task), "attributes": max(k, task.attributes), "facts": k, "filler": 0}),
                        "valid", n, seed, words)
-        capacity[k] = {**point(eps), **(addressing(model, tok, eps, device, autocast) if k > 1 else {})}
+        several = k > 1 and model.delta_mem_config.write != "ssw"  # anatomy follows token writes
+        capacity[k] = {**point(eps), **(addressing(model, tok, eps, device, autocast) if k > 1 else {}),
+                       **(anatomy(model, tok, eps, device, autocast) if several else {})}
     forgetting = {}
     for f in fillers:
         eps = [fact_first(ep) for ep in episodes(TaskConfig(**{**vars(task), "facts": 1, "filler": f}), "valid", n,
@@ -242,6 +244,54 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
         after = [len(chat_with_segments(tok, ep["write"][1:])[0]) for ep in eps]
         forgetting[f] = {**point(eps), "tokens_after": sum(after) / n}
     return {"capacity": capacity, "forgetting": forgetting, "n": n}
+
+
+def layer_inputs(model, run) -> tuple[list[torch.Tensor], object]:
+    """Every layer's δ-mem input x (B, T, d) while run() runs the model (forward hooks), and what run() returned."""
+    xs = []
+    handles = [block.self_attn.delta_mem.register_forward_hook(lambda mem, args, _: xs.append(args[0]))
+               for block in model.model.layers]
+    try:
+        out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return xs, out
+
+
+@torch.no_grad()
+def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dict:
+    """Why a state of several facts answers with the wrong one, per layer, for token writes. `kept_by_place`: what is
+    left of each fact when the question comes, by its place in the history: the weight β_t·Π_{s>t}(1 − β_s) of the
+    write at the last token that spells the fact's value (mean over rows; the erasure along k is left out, so an
+    upper bound). `key_match`: how often the question's query q, where the answer starts, has a larger q·k with the
+    asked fact's key than with the other facts' (mean over states; chance 1/facts)."""
+    mems = [block.self_attn.delta_mem for block in model.model.layers]
+    places = len(eps[0]["facts"])
+    kept, match = torch.zeros(places, len(mems), dtype=torch.float64), torch.zeros(len(mems), dtype=torch.float64)
+    for i in range(0, len(eps), batch_size):
+        group = eps[i:i + batch_size]
+        b = make_batch(tok, group, device)
+        with autocast():
+            x_write, state = layer_inputs(model, lambda: write_pass(model, b))
+            x_read, _ = layer_inputs(model, lambda: model(b["read"], state=state, write=False, pad_mask=b["read_real"],
+                                                          logits=False))
+        rows = torch.arange(len(group))
+        at = torch.tensor([start - 1 for start, _ in b["value_pos"]])  # the position that predicts the value
+        told = torch.tensor([[max(t for t, i in enumerate(ids) if i == tok.encode(" " + v)[0]) for v in ep["facts"]]
+                             for ep, ids in zip(group, b["write"].tolist())])  # (B, facts): last token of each value
+        asked = torch.tensor([ep["facts"].index(ep["value"]) for ep in group])  # (B,)
+        for l, (mem, xw, xr) in enumerate(zip(mems, x_write, x_read)):
+            _, k, _, beta_logit = mem.project(xw.to(mem.beta_bias.dtype))  # (B, T, n, r) each
+            q = mem.project(xr[rows, at][:, None].to(mem.beta_bias.dtype))[0][:, 0]  # (B, n, r)
+            log_keep = torch.nn.functional.logsigmoid(-beta_logit) * b["write_real"][..., None, None]  # (B, T, n, r) log λ; 0: padding
+            later = log_keep.flip(1).cumsum(1).flip(1) - log_keep  # (B, T, n, r): Σ_{s>t} log λ_s
+            weight = (torch.sigmoid(beta_logit) * later.exp()).mean((-2, -1))  # (B, T)
+            kept[:, l] += weight[rows[:, None], told].sum(0).cpu()  # (facts,)
+            sims = (k[rows[:, None], told] * q[:, None]).sum(-1)  # (B, facts, n): q·k per state
+            match[l] += (sims.argmax(1) == asked[:, None]).float().mean(-1).sum().cpu()
+    return {"kept_by_place": (kept / len(eps)).tolist(), "key_match": (match / len(eps)).tolist(),
+            "key_match_chance": 1 / places}
 
 
 def fact_first(ep: dict) -> dict:
@@ -515,7 +565,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct")
     p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
     p.add_argument("--seed", type=int, default=0, help="which episodes: the evaluation draws them from seed + 1")
-    p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table")
+    p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table; for several facts, which one the "
+                        "read names, what is left of each and whether the query picks its key")
     p.add_argument("--probe", action="store_true", help="a linear probe of the state (fitted on --episodes training "
                                                         "episodes) instead of the conditions table")
     p.add_argument("--data", help="a .json/.jsonl chat file: exact match and token F1 of the replies per condition")

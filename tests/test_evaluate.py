@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-from data import TaskConfig, episodes
+from data import TaskConfig, chat_with_segments, episodes
 from deltamem import DeltaMemConfig, attach
 from deltamem_io import save_adapter
 from model import load_model
@@ -112,8 +112,10 @@ def test_curves_points(tiny_ckpt):
     res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=2), 4, 0, "cpu", fp32, fillers=(0, 2))
     assert list(res["capacity"]) == [1, 2, 3] and list(res["forgetting"]) == [0, 2]
     assert res["forgetting"][0]["tokens_after"] == 0 < res["forgetting"][2]["tokens_after"]
-    assert all(0 <= v <= 1 for p in res["capacity"].values() for k, v in p.items() if k != "recall_by_place")
+    assert all(0 <= v <= 1 for p in res["capacity"].values() for v in p.values() if not isinstance(v, list))
     assert "another_fact" not in res["capacity"][1] and len(res["capacity"][3]["recall_by_place"]) == 3
+    assert "kept_by_place" not in res["capacity"][1] and len(res["capacity"][3]["kept_by_place"]) == 3
+    assert len(res["capacity"][2]["key_match"]) == len(model.model.layers)
     res = evaluate.curves(model, tok, TaskConfig(attributes=3, facts=1, pool="vocab"), 2, 0, "cpu", fp32, fillers=(0,))
     assert list(res["capacity"]) == list(range(1, 9))  # vocabulary words fit every attribute: up to all 8 facts
 
@@ -133,6 +135,34 @@ def test_addressing_says_which_fact_the_read_names(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(evaluate, "write_pass", lambda model, b: None)
     res = evaluate.addressing(names_the_second_fact, tok, eps, "cpu", fp32, batch_size=len(eps))
     assert res == {"recall_by_place": [0.0, 1.0, 0.0], "another_fact": sum(a != 1 for a in asked) / len(eps)}
+
+
+@pytest.mark.parametrize("write", ["tsw", "msw"])
+def test_anatomy_weighs_each_fact_by_what_later_writes_leave_of_it(tiny_ckpt, write):
+    """With the same gate β on every token, the write at position t keeps β(1 − β)^(tokens after it) by the end of
+    its own history (episodes of different lengths share a padded batch); with a zero query every q·k ties and
+    the first fact is taken, so the key match is the share of episodes that ask the first fact."""
+    model, tok = tiny(tiny_ckpt, write=write, beta_bias_init=-3.0)
+    for block in model.model.layers:
+        torch.nn.init.zeros_(block.self_attn.delta_mem.memory_q_proj.weight)
+    eps = [ep for ep in episodes(TaskConfig(attributes=3, facts=3, filler=1), "valid", 24, seed=0)
+           if len({tok.encode(" " + v)[0] for v in ep["facts"]}) == 3]
+    res = evaluate.anatomy(model, tok, eps, "cpu", fp32, batch_size=5)
+    beta = torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)).item()
+    expected = []
+    for place in range(3):
+        weights = []
+        for ep in eps:
+            ids = chat_with_segments(tok, ep["write"])[0]
+            last = len(ids) - 1 - ids[::-1].index(tok.encode(" " + ep["facts"][place])[0])
+            weights.append(beta * (1 - beta) ** (len(ids) - 1 - last))
+        expected.append(sum(weights) / len(eps))
+    layers = len(model.model.layers)
+    torch.testing.assert_close(torch.tensor(res["kept_by_place"], dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64)[:, None].expand(3, layers), rtol=1e-9, atol=0)
+    assert len({len(chat_with_segments(tok, ep["write"])[0]) for ep in eps}) > 1  # padding was exercised
+    first = sum(ep["facts"].index(ep["value"]) == 0 for ep in eps) / len(eps)
+    assert 0 < first < 1 and res["key_match"] == pytest.approx([first] * layers) and res["key_match_chance"] == 1 / 3
 
 
 @pytest.mark.parametrize("acks", [False, True])
