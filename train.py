@@ -87,7 +87,7 @@ class TrainConfig:
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
     eval_episodes: int = 128  # episodes per split in the final evaluation (0: none)
-    out: str = "runs/tsw"  # run directory: ckpt.pt, adapter.safetensors, eval.json, PNGs
+    out: str | None = None  # run directory (ckpt.pt, adapter.safetensors, eval.json, PNGs); leave out for runs/<write>
     ckpt: str | None = None  # converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct
     device: str | None = None  # cpu, cuda, cuda:1, ...; leave out for cuda if available, else cpu
     dtype: str = "auto"  # auto: bf16 where this device runs it fast (measured on CPU), else fp32; bf16 = bf16 backbone + autocast, δ-mem and its state fp32
@@ -98,6 +98,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.copy_warmup is None:
             self.copy_warmup = 1500 if self.write == "ssw" else 300
+        self.out = self.out or f"runs/{self.write}"
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,

@@ -164,8 +164,11 @@ def test_every_flag_has_help(capsys):
     assert set(train.field_help()) == {f.name for f in train.fields(train.TrainConfig)}  # no field left undocumented
 
 
-def test_copy_warmup_default_depends_on_the_write_mode():
-    """SSW fits message means, which take ~5x the steps of token inputs; an explicit value (0 included) wins."""
+def test_copy_warmup_and_out_defaults_depend_on_the_write_mode():
+    """SSW fits message means, which take ~5x the steps of token inputs; an explicit value (0 included) wins. Each
+    write mode has its own run directory unless --out names one."""
+    assert [train.parse_args(["--write", w]).out for w in ("tsw", "ssw", "msw")] == ["runs/tsw", "runs/ssw", "runs/msw"]
+    assert train.parse_args(["--write", "msw", "--out", "x"]).out == "x"
     assert train.parse_args([]).copy_warmup == 300
     assert train.parse_args(["--write", "msw"]).copy_warmup == 300
     assert train.parse_args(["--write", "ssw"]).copy_warmup == 1500
