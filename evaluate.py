@@ -224,7 +224,8 @@ def final_evaluation(model, tok, task: TaskConfig, n: int, seed: int, device, au
 def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fillers=(0, 1, 2, 4, 8)) -> dict:
     """Teacher-forced state-only vs shuffled-state accuracy on valid episodes, (1) against the number of facts in
     the history (capacity, no filler; with the "vocab" pool up to all 8 attributes, the untrained ones included;
-    with the `addressing` breakdown and, for token writes, the `anatomy`) and (2) against filler turns after a single fact (forgetting)."""
+    with the `addressing` breakdown and, for token writes, the `anatomy`) and (2) against filler turns after a single
+    fact (forgetting)."""
     conditions = {k: CONDITIONS[k] for k in ("c_state_only", "d_shuffled_state")}
     words = task_words(task, tok)
     point = lambda eps: {k: v["value"] / v["n"] for k, v in
@@ -284,7 +285,8 @@ def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dic
         for l, (mem, xw, xr) in enumerate(zip(mems, x_write, x_read)):
             _, k, _, beta_logit = mem.project(xw.to(mem.beta_bias.dtype))  # (B, T, n, r) each
             q = mem.project(xr[rows, at][:, None].to(mem.beta_bias.dtype))[0][:, 0]  # (B, n, r)
-            log_keep = torch.nn.functional.logsigmoid(-beta_logit) * b["write_real"][..., None, None]  # (B, T, n, r) log λ; 0: padding
+            # (B, T, n, r): log λ_t, 0 on padding
+            log_keep = torch.nn.functional.logsigmoid(-beta_logit) * b["write_real"][..., None, None]
             later = log_keep.flip(1).cumsum(1).flip(1) - log_keep  # (B, T, n, r): Σ_{s>t} log λ_s
             weight = (torch.sigmoid(beta_logit) * later.exp()).mean((-2, -1))  # (B, T)
             kept[:, l] += weight[rows[:, None], told].sum(0).cpu()  # (facts,)
@@ -565,8 +567,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct")
     p.add_argument("--episodes", type=int, default=64, help="episodes per split / per curve point")
     p.add_argument("--seed", type=int, default=0, help="which episodes: the evaluation draws them from seed + 1")
-    p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions table; for several facts, which one the "
-                        "read names, what is left of each and whether the query picks its key")
+    p.add_argument("--curves", action="store_true", help="capacity and forgetting curves instead of the conditions "
+                   "table; for several facts, which one the read names, what is left of each, whether q finds it")
     p.add_argument("--probe", action="store_true", help="a linear probe of the state (fitted on --episodes training "
                                                         "episodes) instead of the conditions table")
     p.add_argument("--data", help="a .json/.jsonl chat file: exact match and token F1 of the replies per condition")

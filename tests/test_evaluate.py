@@ -158,8 +158,8 @@ def test_anatomy_weighs_each_fact_by_what_later_writes_leave_of_it(tiny_ckpt, wr
             weights.append(beta * (1 - beta) ** (len(ids) - 1 - last))
         expected.append(sum(weights) / len(eps))
     layers = len(model.model.layers)
-    torch.testing.assert_close(torch.tensor(res["kept_by_place"], dtype=torch.float64),
-                               torch.tensor(expected, dtype=torch.float64)[:, None].expand(3, layers), rtol=1e-9, atol=0)
+    expected = torch.tensor(expected, dtype=torch.float64)[:, None].expand(3, layers)  # (facts, layers)
+    torch.testing.assert_close(torch.tensor(res["kept_by_place"], dtype=torch.float64), expected, rtol=1e-9, atol=0)
     assert len({len(chat_with_segments(tok, ep["write"])[0]) for ep in eps}) > 1  # padding was exercised
     first = sum(ep["facts"].index(ep["value"]) == 0 for ep in eps) / len(eps)
     assert 0 < first < 1 and res["key_match"] == pytest.approx([first] * layers) and res["key_match_chance"] == 1 / 3
