@@ -335,22 +335,16 @@ def plot_curves(results: dict, path: Path):
 @torch.no_grad()
 def state_reads(model, b: dict, state: list) -> torch.Tensor:
     """What the layers read from `state` in the read pass, at the position that predicts the value's first token:
-    (B, layers·n·r). A hook takes each DeltaMem's input x; the read is S q(x), as in DeltaMem.forward."""
+    (B, layers·n·r). The read is S q(x), as in DeltaMem.forward, from each layer's input x (`layer_inputs`)."""
     rows = torch.arange(len(b["value_pos"]))
     pos = torch.tensor([start - 1 for start, _ in b["value_pos"]])
+    xs, _ = layer_inputs(model, lambda: model(b["read"], state=state, write=False, pad_mask=b["read_real"],
+                                              logits=False))
     reads = []
-
-    def hook(mem, args, _):
-        x, S = args[0][rows, pos], args[1]  # (B, d), (B, n, r, r)
-        q = mem.project(x.to(mem.beta_bias.dtype)[:, None])[0][:, 0]  # (B, n, r)
+    for block, x, S in zip(model.model.layers, xs, state):
+        mem = block.self_attn.delta_mem
+        q = mem.project(x[rows, pos].to(mem.beta_bias.dtype)[:, None])[0][:, 0]  # (B, n, r)
         reads.append(torch.einsum("bnij,bnj->bni", S.to(q.dtype), q).flatten(1))  # (B, n·r)
-
-    handles = [block.self_attn.delta_mem.register_forward_hook(hook) for block in model.model.layers]
-    try:
-        model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False)
-    finally:
-        for h in handles:
-            h.remove()
     return torch.cat(reads, -1)  # (B, layers·n·r)
 
 
