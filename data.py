@@ -129,12 +129,17 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
     return f"It's {value}." if cfg.answer == "short" else f"Your favourite {attribute} is {value}."
 
 
-def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> dict:
+def question(attribute: str) -> dict:
+    return {"role": "user", "content": f"What is my favourite {attribute}?"}
+
+
+def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None, ask_all=False) -> dict:
     """One chat record: {"messages": history + question + answer, "value": the value asked about, "facts": every
-    fact's value in the order the history tells them}."""
+    fact's value in the order the history tells them, "pairs": every fact's (attribute, value), the asked one
+    first}. ask_all: every fact's value is drawn as the asked one's is (so that any of them may be asked)."""
     attributes = rng.sample(cfg.names, cfg.facts)
     asked = attributes[0]
-    facts = {a: draw_value(rng, cfg, a, split, a == asked, words) for a in attributes}
+    facts = {a: draw_value(rng, cfg, a, split, ask_all or a == asked, words) for a in attributes}
     turns = [[{"role": "user", "content": f"My favourite {a} is {v}."}] for a, v in facts.items()]
     if cfg.acks:
         for turn, (a, v) in zip(turns, facts.items()):
@@ -147,24 +152,30 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None) -> di
         turns.insert(rng.randint(0, len(turns)), [{"role": "user", "content": user},
                                                   {"role": "assistant", "content": assistant}])
     return {"messages": [m for turn in turns for m in turn] + [
-                {"role": "user", "content": f"What is my favourite {asked}?"},
+                question(asked),
                 {"role": "assistant", "content": answer_text(cfg, asked, facts[asked])}],
-            "value": facts[asked], "facts": [value for value, _ in order]}
+            "value": facts[asked], "facts": [value for value, _ in order], "pairs": list(facts.items())}
 
 
-def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
+def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None, ask_all=False) -> list[dict]:
     """n chat records of `split`, the same for the same seed; `words`: vocabulary(tok), for the "vocab" pool."""
     if cfg.pool == "vocab" and words is None:
         raise ValueError("the 'vocab' pool needs the tokenizer's words: pass words=vocabulary(tok)")
     rng = random.Random(f"{split}-{seed}")
-    return [make_chat(rng, cfg, split, words) for _ in range(n)]
+    return [make_chat(rng, cfg, split, words, ask_all) for _ in range(n)]
 
 
-def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None) -> list[dict]:
-    """n episodes of the task: each chat's history written, its question read, its answer the target (+ the value
-    and the facts' values)."""
-    return [{**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"], "facts": c["facts"]}
-            for c in chats(cfg, split, n, seed, words)]
+def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None, ask_all=False) -> list[dict]:
+    """Episodes of n chats: each chat's history written, its question read, its answer the target (+ the value and
+    the facts' values). ask_all: one episode per fact of each chat (n · facts), all about the same history; they
+    share its `write` list, so make_batch writes it once."""
+    out = []
+    for c in chats(cfg, split, n, seed, words, ask_all):
+        ep = {**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"], "facts": c["facts"]}
+        out.append(ep)
+        if ask_all:
+            out += [{**ep, "read": [question(a)], "target": answer_text(cfg, a, v), "value": v} for a, v in c["pairs"][1:]]
+    return out
 
 
 # ----------------------------------------------------------------------------- chats -> episodes
@@ -289,8 +300,12 @@ def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
 
 def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> dict:
     """Write pass (the written messages, at most the last write_len tokens, with SSW segment ids) and read pass (the
-    visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value."""
-    hist = [chat_with_segments(tok, ep["write"]) for ep in eps]
+    visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value.
+    Episodes that share one `write` list (episodes(ask_all=True)) share one row of the write pass: `write_of` (B,)
+    is each episode's row."""
+    rows = {}  # id of a write list -> its row in the write pass
+    write_of = [rows.setdefault(id(ep["write"]), len(rows)) for ep in eps]
+    hist = [chat_with_segments(tok, w) for w in {id(ep["write"]): ep["write"] for ep in eps}.values()]
     if write_len:
         hist = [(ids[-write_len:], seg[-write_len:]) for ids, seg in hist]
     read, labels, value_pos = [], [], []
@@ -303,14 +318,16 @@ def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> di
             value_pos.append((len(prompt) + start, len(prompt) + end))
     t = dict(write=pad([h[0] for h in hist], 0), segments=pad([h[1] for h in hist], -1),
              write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
-             read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100))
+             read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100),
+             write_of=torch.tensor(write_of))
     return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
 
 
 def write_pass(model, b, betas: list | None = None):
-    """Write a batch's histories into a fresh δ-mem state (no logits needed) and return the state; `betas`, if a
-    list, receives each layer's mean write gate β."""
-    return model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False, betas=betas)[1]
+    """Write a batch's histories into a fresh δ-mem state (no logits needed) and return each episode's state, one
+    (B, n, r, r) per layer; `betas`, if a list, receives each layer's mean write gate β."""
+    state = model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False, betas=betas)[1]
+    return [s.index_select(0, b["write_of"]) for s in state]  # (B, n, r, r): the state of each episode's history
 
 
 def episode_loss(model, b, beta_weight: float, beta_target: float) -> dict:

@@ -71,6 +71,7 @@ class TrainConfig:
     answer: str = "short"  # short: "It's teal." | sentence: "Your favourite colour is teal."
     pool: str = "vocab"  # values: vocab (~16k words from the tokenizer, 1 in 10 never trained) | lists (8 per attribute)
     acks: bool = False  # the assistant acknowledges each fact, as in a chat
+    ask_all: bool = False  # ask about every fact of a history (one write pass, --facts reads), not one; counts as one episode
     # optimisation
     episodes: int = 2400  # training episodes in total
     batch_size: int = 8  # episodes per optimizer step
@@ -99,6 +100,8 @@ class TrainConfig:
         if self.copy_warmup is None:
             self.copy_warmup = 1500 if self.write == "ssw" else 300
         self.out = self.out or f"runs/{self.write}"
+        if self.ask_all and self.data:
+            raise ValueError("--ask-all asks about data.py's facts: it does not apply to --data")
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
@@ -137,7 +140,7 @@ class EpisodeStream:
     def batch(self, step: int) -> list[dict]:
         B = self.cfg.batch_size
         if self.chats is None:
-            return episodes(self.cfg.task(), "train", B, self.cfg.seed * 1_000_003 + step, self.words)
+            return episodes(self.cfg.task(), "train", B, self.cfg.seed * 1_000_003 + step, self.words, self.cfg.ask_all)
         n = len(self.cache[min(self.cache)])  # every epoch has the same episodes, in another order
         return [self.epoch(i // n)[i % n] for i in range(step * B, (step + 1) * B)]
 
@@ -185,8 +188,8 @@ def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: 
     of one process doing the whole batch (DDP averages over ranks, hence the factor `world`)."""
     eps = stream.batch(step)
     mine = eps[rank * len(eps) // world:(rank + 1) * len(eps) // world]
-    micro = [make_batch(tok, mine[i:i + cfg.micro_batch], device, cfg.write_len)
-             for i in range(0, len(mine), cfg.micro_batch)]
+    per = cfg.micro_batch * (cfg.facts if cfg.ask_all else 1)  # --ask-all: a chat's episodes stay in one micro-batch
+    micro = [make_batch(tok, mine[i:i + per], device, cfg.write_len) for i in range(0, len(mine), per)]
     n_tokens = all_sum(sum((b["labels"] != -100).sum() for b in micro), world)
     lr = get_lr(step, total, cfg)
     for group in opt.param_groups:
@@ -357,7 +360,10 @@ def parse_args(argv=None) -> TrainConfig:
         else:
             kind = int if f.type == int | None else f.type if f.type in (int, float) else str
             p.add_argument(flag, type=kind, choices=choices.get(f.name), **kw)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    try:
+        return TrainConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def setup(cfg: TrainConfig, threads: int | None = None):

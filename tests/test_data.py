@@ -123,6 +123,27 @@ def test_vocab_pool_keeps_unseen_values_out_of_training_and_holds_out_pairs(acks
     assert all(c["value"] in unseen for c in chats(task, "unseen", 200, 0, WORDS))
 
 
+def test_ask_all_asks_every_fact_of_one_history_and_keeps_the_splits():
+    """ask_all: one episode per fact, all sharing the history's `write` list; every asked value obeys its split (no
+    held-out pair or unseen word asked in training, only unseen words asked in "unseen"); and without it the
+    episodes are those of before (the same draws)."""
+    task = TaskConfig(attributes=8, facts=3, filler=1, pool="vocab", acks=True)
+    for split in ("train", "test", "unseen"):
+        eps = episodes(task, split, 100, 0, WORDS, ask_all=True)
+        assert len(eps) == 300
+        for group in zip(*[iter(eps)] * 3):
+            assert all(ep["write"] is group[0]["write"] for ep in group)
+            asked = {(ep["read"][0]["content"].split()[-1][:-1], ep["value"]) for ep in group}
+            told = {(m["content"].split()[2], m["content"].split()[-1][:-1]) for m in group[0]["write"]
+                    if m["content"].startswith("My favourite")}
+            assert asked == told and all(ep["target"] == f"It's {ep['value']}." for ep in group)
+            for a, v in asked:
+                assert {"train": not heldout_pair(a, v) and v in WORDS["trained"],
+                        "test": heldout_pair(a, v), "unseen": v in WORDS["unseen"]}[split], (split, a, v)
+    one = episodes(task, "valid", 20, 5, WORDS)
+    assert one == episodes(task, "valid", 20, 5, WORDS, ask_all=False)
+
+
 def test_vocab_episodes_are_deterministic_by_seed_and_need_the_words():
     task = TaskConfig(facts=3, filler=1, pool="vocab", acks=True)
     assert episodes(task, "valid", 20, 5, WORDS) == episodes(task, "valid", 20, 5, WORDS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from data import TaskConfig, episode_loss, episodes, make_batch, vocabulary
+from data import TaskConfig, episode_loss, episodes, make_batch, vocabulary, write_pass
 from data import main as main_data
 from deltamem_io import read_safetensors
 from tokenizer import load_tokenizer
@@ -69,6 +69,19 @@ def test_training_steps_reduce_the_loss_through_the_state(tiny_ckpt, tmp_path):
         opt.zero_grad()
         losses.append((out["ce"] / out["tokens"]).item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_ask_all_writes_each_history_once_and_reads_it_once_per_fact(tiny_ckpt, tmp_path):
+    cfg = config(tiny_ckpt, tmp_path)
+    model, tok, device, autocast = train.setup(cfg)
+    eps = episodes(cfg.task(), "train", 2, seed=0, ask_all=True)  # 2 chats, 3 facts each
+    b = make_batch(tok, eps, device)
+    assert b["write"].shape[0] == 2 and b["write_of"].tolist() == [0, 0, 0, 1, 1, 1] and b["read"].shape[0] == 6
+    state = write_pass(model, b)
+    alone = write_pass(model, make_batch(tok, eps[3:4], device))  # the second history, written by itself
+    for s, a in zip(state, alone):
+        assert s.shape[0] == 6 and torch.equal(s[3], s[5])
+        torch.testing.assert_close(s[3], a[0], rtol=1e-5, atol=1e-6)  # fp32; only the padding differs
 
 
 def test_resume_gives_the_same_next_step(tiny_ckpt, tmp_path):
@@ -142,6 +155,8 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path):
         train.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--device", "cpu"])
     with pytest.raises(SystemExit):  # argparse: invalid choice
         train.main(["--write", "xyz"])
+    with pytest.raises(SystemExit):  # argparse: --ask-all asks data.py's facts, not a chat file's
+        train.main(["--ask-all", "--data", "chats.jsonl"])
     run = tmp_path / "r2"
     run.mkdir()
     cfg = config(tiny_ckpt, tmp_path)
