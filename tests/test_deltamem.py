@@ -330,7 +330,7 @@ def test_the_beta_term_comes_from_its_own_write_pass_only():
     from data import episode_loss
     model = tiny()
     batch = lambda seed: dict(write=tokens(seed=seed), write_real=torch.ones(2, 13, dtype=torch.bool),
-                              segments=torch.full((2, 13), -1), read=tokens(T=7, seed=seed + 1),
+                              segments=torch.full((2, 13), -1), write_of=torch.arange(2), read=tokens(T=7, seed=seed + 1),
                               read_real=torch.ones(2, 7, dtype=torch.bool),
                               labels=torch.cat([torch.full((2, 4), -100), tokens(T=3, seed=seed + 2)], 1))
     alone = episode_loss(model, batch(20), 0.01, 0.05)

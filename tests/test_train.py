@@ -148,15 +148,17 @@ def test_main_with_the_vocab_pool_and_copy_warmup(tiny_ckpt, tmp_path):
                for k, a in read_safetensors(tmp_path / "next" / "adapter.safetensors")[0].items())
 
 
-def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path):
+def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no checkpoint to resume from"):
         train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--resume", "--device", "cpu"])
     with pytest.raises(SystemExit, match="nowhere: no such checkpoint directory; make one with python load_hf_weights"):
         train.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--device", "cpu"])
     with pytest.raises(SystemExit):  # argparse: invalid choice
         train.main(["--write", "xyz"])
-    with pytest.raises(SystemExit):  # argparse: --ask-all asks data.py's facts, not a chat file's
+    with pytest.raises(SystemExit):  # a usage error: --ask-all asks data.py's facts, not a chat file's
         train.main(["--ask-all", "--data", "chats.jsonl"])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.endswith("--ask-all asks about data.py's facts: it does not apply to --data"), error
     run = tmp_path / "r2"
     run.mkdir()
     cfg = config(tiny_ckpt, tmp_path)
