@@ -130,6 +130,7 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
 
 
 def question(attribute: str) -> dict:
+    """The user's question about one of their facts."""
     return {"role": "user", "content": f"What is my favourite {attribute}?"}
 
 
