@@ -304,9 +304,9 @@ def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> di
     visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value.
     Episodes that share one `write` list (episodes(ask_all=True)) share one row of the write pass: `write_of` (B,)
     is each episode's row."""
-    rows = {}  # id of a write list -> its row in the write pass
-    write_of = [rows.setdefault(id(ep["write"]), len(rows)) for ep in eps]
-    hist = [chat_with_segments(tok, w) for w in {id(ep["write"]): ep["write"] for ep in eps}.values()]
+    rows = {}  # id of a write list -> (its row in the write pass, the list)
+    write_of = [rows.setdefault(id(ep["write"]), (len(rows), ep["write"]))[0] for ep in eps]
+    hist = [chat_with_segments(tok, w) for _, w in rows.values()]
     if write_len:
         hist = [(ids[-write_len:], seg[-write_len:]) for ids, seg in hist]
     read, labels, value_pos = [], [], []

@@ -81,7 +81,7 @@ def test_ask_all_writes_each_history_once_and_reads_it_once_per_fact(tiny_ckpt, 
     alone = write_pass(model, make_batch(tok, eps[3:4], device))  # the second history, written by itself
     for s, a in zip(state, alone):
         assert s.shape[0] == 6 and torch.equal(s[3], s[5])
-        torch.testing.assert_close(s[3], a[0], rtol=1e-5, atol=1e-6)  # fp32; only the padding differs
+        torch.testing.assert_close(s[3], a[0], rtol=1e-6, atol=1e-7)  # fp32 rounding: measured 6e-9 on entries ~0.1
 
 
 def test_resume_gives_the_same_next_step(tiny_ckpt, tmp_path):
