@@ -154,6 +154,7 @@ class DeltaMemConfig:
     beta_bias_init: float = -1.5  # b_β at init: β = sigmoid(-1.5) ≈ 0.18 per token
     init: str = "base_slice"  # Δ-projections: "base_slice" (official default, see init_delta) or "zero"
     chunk_size: int = 16  # tokens per chunk of the parallel scan; 0 = the per-token loop (the reference, slower)
+    key_shift: bool = False  # token writes: token t writes under the key of token t−1 (ours; paper: its own key)
 
     def __post_init__(self):
         if self.write not in WRITE_MODES:
@@ -162,6 +163,8 @@ class DeltaMemConfig:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
         if self.init not in ("base_slice", "zero"):
             raise ValueError(f"unknown init '{self.init}' (choose base_slice or zero)")
+        if self.key_shift and self.write == "ssw":
+            raise ValueError("key_shift shifts token keys: it does not apply to ssw's message writes")
         self.heads = tuple(h for h in HEADS if h in self.heads)
         self.num_states = self.num_states or (4 if self.write == "msw" else 1)
 
@@ -216,6 +219,8 @@ class DeltaMem(nn.Module):
         written = None  # (beta_logit, mask) of what this call wrote, for the β statistic
         if call.write and not ssw:
             mask = call.real if call.padded else None
+            if self.cfg.key_shift:
+                k = previous_keys(k, call.real)
             reads, state = self.scan(q, k, v, beta_logit, state, mask)
             written = (beta_logit, mask)
         else:  # every token reads the state from before the call
@@ -250,6 +255,17 @@ class DeltaMem(nn.Module):
         q, k, v, beta_logit = self.project(means)  # (B, J, n, r) each
         written = count > 0  # (B, J): segments absent from a row are identity steps
         return self.scan(q, k, v, beta_logit, state, written)[1], (beta_logit, written)
+
+
+def previous_keys(k, real):
+    """key_shift: the key each token writes under is the one its predecessor projects, k_{t−1} (B, T, n, r). The
+    token after "My favourite colour is" then stores its own value under a key made from "...colour is", the same
+    kind of context as the question's answer position, whose query has to find it. A call's first real token has no
+    predecessor in the call: its key is 0, so it only decays the state (write whole messages, not single tokens)."""
+    if k.shape[1] == 1:
+        raise ValueError("key_shift: a one-token write has no previous token to key on; write whole messages")
+    previous = F.pad(k[:, :-1], (0, 0, 0, 0, 1, 0))                       # (B, T, n, r): k_{t−1}, 0 at t = 0
+    return previous * F.pad(real[:, :-1], (1, 0))[..., None, None]        # 0 where token t−1 is padding
 
 
 def masked_mean(x, mask):

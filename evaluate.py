@@ -29,7 +29,7 @@ import torch
 
 from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, episodes, make_batch,
                   pad, read_chats, target_ids, task_words, value_span, write_messages, write_pass)
-from deltamem import zero_state
+from deltamem import previous_keys, zero_state
 from deltamem_io import load_adapter, read_safetensors
 from load_hf_weights import checkpoint_dir
 from model import load_model
@@ -284,6 +284,8 @@ def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dic
         asked = torch.tensor([ep["facts"].index(ep["value"]) for ep in group])  # (B,)
         for l, (mem, xw, xr) in enumerate(zip(mems, x_write, x_read)):
             _, k, _, beta_logit = mem.project(xw.to(mem.beta_bias.dtype))  # (B, T, n, r) each
+            if mem.cfg.key_shift:  # the key each token wrote under
+                k = previous_keys(k, b["write_real"])
             q = mem.project(xr[rows, at][:, None].to(mem.beta_bias.dtype))[0][:, 0]  # (B, n, r)
             # (B, T, n, r): log λ_t, 0 on padding
             log_keep = torch.nn.functional.logsigmoid(-beta_logit) * b["write_real"][..., None, None]

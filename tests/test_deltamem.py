@@ -167,9 +167,9 @@ def test_msw_has_four_states_and_concatenates_their_reads():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("write", ["tsw", "ssw"])
-def test_padding_neither_reads_nor_writes(side, write):
-    model = tiny(write)
+@pytest.mark.parametrize("write, kw", [("tsw", {}), ("ssw", {}), ("msw", {"key_shift": True})])
+def test_padding_neither_reads_nor_writes(side, write, kw):
+    model = tiny(write, **kw)
     rows = [tokens(1, 13, seed=3)[0], tokens(1, 7, seed=4)[0]]
     segs = [torch.arange(13) // 5, torch.arange(7) // 3]  # SSW: a few messages per row
     idx, seg = torch.zeros(2, 13, dtype=torch.long), torch.full((2, 13), -1)
@@ -228,6 +228,27 @@ def test_ssw_without_segment_ids_writes_token_by_token():
     idx = tokens()
     for a, b in zip(ssw(idx)[1], tsw(idx)[1]):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_key_shift_writes_each_token_under_its_predecessors_key():
+    model, idx = tiny(key_shift=True), tokens()
+    _, s0 = model(tokens(2, 9, seed=5))
+    xs = []
+    hooks = [b.self_attn.delta_mem.register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+             for b in model.model.layers]
+    _, state = model(idx, state=s0)
+    for h in hooks:
+        h.remove()
+    for layer, x in enumerate(xs):
+        q, k, v, beta_logit = model.model.layers[layer].self_attn.delta_mem.project(x)  # (B, T, n, r) each
+        shifted = torch.cat([torch.zeros_like(k[:, :1]), k[:, :-1]], 1)  # token t keyed by token t−1; token 0 by 0
+        _, expected = delta_rule_loop(q, shifted, v, beta_logit, state=s0[layer])
+        torch.testing.assert_close(state[layer], expected, **TOL)
+        assert not torch.allclose(state[layer], delta_rule_loop(q, k, v, beta_logit, state=s0[layer])[1])
+    with pytest.raises(ValueError, match="one-token write has no previous token"):
+        model(idx[:, :1], state=s0)
+    with pytest.raises(ValueError, match="does not apply to ssw"):
+        DeltaMemConfig(write="ssw", key_shift=True)
 
 
 def test_gradients_reach_the_memory_through_the_state():
