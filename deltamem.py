@@ -155,6 +155,7 @@ class DeltaMemConfig:
     init: str = "base_slice"  # Δ-projections: "base_slice" (official default, see init_delta) or "zero"
     chunk_size: int = 16  # tokens per chunk of the parallel scan; 0 = the per-token loop (the reference, slower)
     key_shift: bool = False  # token writes: token t writes under the key of token t−1 (ours; paper: its own key)
+    write_pass_reads: bool = True  # a call that writes also reads (paper); False: it only writes, from the frozen x (ours)
 
     def __post_init__(self):
         if self.write not in WRITE_MODES:
@@ -229,6 +230,8 @@ class DeltaMem(nn.Module):
                 state, written = self.write_segments(xm, state, call)
         if call.betas is not None and written is not None:
             call.betas.append(masked_mean(torch.sigmoid(written[0]), written[1]))
+        if call.write and not self.cfg.write_pass_reads:  # the backbone runs uncorrected: what it writes is its own x
+            return {}, state
         read = reads.flatten(-2) * (self.cfg.alpha / r)  # (B, T, m): heads concatenated, scaled
         return {h: F.linear(read, getattr(self, f"delta_{h}_proj").weight) for h in self.cfg.heads}, state
 

@@ -251,6 +251,17 @@ def test_key_shift_writes_each_token_under_its_predecessors_key():
         DeltaMemConfig(write="ssw", key_shift=True)
 
 
+def test_without_write_pass_reads_a_write_runs_the_frozen_backbone():
+    model, idx = tiny(write_pass_reads=False), tokens()
+    _, s0 = model(tokens(2, 9, seed=5))
+    logits, state = model(idx, state=s0)
+    assert torch.equal(logits, backbone()(idx)[0])  # no token of the write read s0 or the writes before it
+    _, expected = tiny()(idx, state=s0)  # the same weights with reads: x differs only through the corrections
+    assert not torch.allclose(state[-1], expected[-1])
+    torch.testing.assert_close(state[0], expected[0], **TOL)  # layer 0's x comes before any correction
+    assert not torch.allclose(model(idx, state=state, write=False)[0], logits)  # a read-only call still reads
+
+
 def test_gradients_reach_the_memory_through_the_state():
     model = tiny()
     _, state = model(tokens(seed=7))  # write pass
