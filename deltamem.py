@@ -156,6 +156,7 @@ class DeltaMemConfig:
     chunk_size: int = 16  # tokens per chunk of the parallel scan; 0 = the per-token loop (the reference, slower)
     key_shift: bool = False  # token writes: token t writes under the key of token t−1 (ours; paper: its own key)
     write_pass_reads: bool = True  # a call that writes also reads (paper); False: it only writes, from the frozen x (ours)
+    frozen_query: bool = False  # a call that only reads takes its queries from the backbone's own x (ours; see forward)
 
     def __post_init__(self):
         if self.write not in WRITE_MODES:
@@ -203,9 +204,13 @@ class DeltaMem(nn.Module):
         q, k = (qk / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-6)).unbind(-3)
         return q, k, z[..., 2, :, :], z[..., 3, :, :] + self.beta_bias.view(n, r)
 
-    def forward(self, x, state, call):
+    def forward(self, x, state, call, query_x=None):
         """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). `call` (model.MemoryCall) says
         which tokens are real, whether to write, the SSW segment ids, and whether to report the mean write gate β.
+        `query_x` (B, T, d), frozen_query: the layer's input as the backbone alone computes it, which the reads of
+        a read-only call project their queries from. The corrections of the layers below move x as far as the
+        backbone's own (|Δx| ≈ 0.4–0.9 |x| where the answer is read), and they are alike for every question about
+        one state, so a query made from the moved x cannot tell which fact was asked.
         The corrections come in the adapter's dtype (fp32): the caller casts them to that of the outputs they
         are added to."""
         B, T, _ = x.shape
@@ -217,6 +222,8 @@ class DeltaMem(nn.Module):
         if ssw and call.segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(call.segment_ids.shape)}, expected the tokens' {(B, T)}")
         q, k, v, beta_logit = self.project(xm)  # (B, T, n, r) each
+        if query_x is not None:
+            q = self.project(query_x.to(xm.dtype))[0]  # (B, T, n, r)
         written = None  # (beta_logit, mask) of what this call wrote, for the β statistic
         if call.write and not ssw:
             mask = call.real if call.padded else None

@@ -138,6 +138,8 @@ class KVCache:
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self.pos = 0
         self.padded = False  # True once any pad token was written; otherwise the cheap masks suffice
+        self.shape = (cfg, batch_size, max_len, device, dtype)
+        self.frozen = None  # δ-mem frozen_query: the backbone's own keys and values, for the pass without memory
 
     def update(self, layer: int, k, v):
         """Store this call's k, v (B, nkv, T, hd) at slots [pos, pos+T); return all filled slots."""
@@ -155,6 +157,8 @@ class MemoryCall:
     write: bool  # False: read only, the state is returned unchanged
     segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
     betas: list | None = None  # if a list, each layer that writes appends the mean of its write gates β (training)
+    inputs: list | None = None  # if a list, each layer appends its δ-mem input x (B, T, d)
+    query_x: list | None = None  # frozen_query: per layer, the x (B, T, d) a read projects its queries from
 
 
 class Attention(nn.Module):
@@ -177,7 +181,10 @@ class Attention(nn.Module):
         hd = self.cfg.head_dim
         delta = {}
         if self.delta_mem is not None:
-            delta, state = self.delta_mem(x, state, call)  # corrections read from the state, each (B, T, out)
+            if call.inputs is not None:
+                call.inputs.append(x)
+            query_x = call.query_x[layer] if call.query_x is not None else None
+            delta, state = self.delta_mem(x, state, call, query_x)  # corrections read from the state, each (B, T, out)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
         q, k, v = (t + delta[h].to(t.dtype) if h in delta else t for h, t in zip("qkv", (q, k, v)))
         q = q.view(B, T, -1, hd)  # (B, T, nh, hd)
@@ -241,7 +248,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, idx, state: State | None = None, write=True, segment_ids=None, cache: KVCache | None = None,
-                pad_mask=None, logits=True, betas: list | None = None) -> tuple[torch.Tensor | None, State | None]:
+                pad_mask=None, logits=True, betas: list | None = None, inputs: list | None = None
+                ) -> tuple[torch.Tensor | None, State | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the δ-mem state after this call (None without δ-mem).
 
         δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it;
@@ -251,6 +259,7 @@ class Transformer(nn.Module):
         `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them;
         a (B, T) bool tensor computes them only where it is True, as (N, V). `betas`: a list that every writing δ-mem
         layer appends its mean write gate β to (the training loss's sparsity term); nothing is kept between calls.
+        `inputs`: a list that every layer appends its δ-mem input x to.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, d)
@@ -267,7 +276,10 @@ class Transformer(nn.Module):
         if pad_mask is not None or (cache is not None and (cache.padded or (start > 0 and T > 1))):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
-        call = MemoryCall(real, pad_mask is not None, write, segment_ids, betas)
+        memory = getattr(self, "delta_mem_config", None)
+        query_x = self.backbone_inputs(idx, cache, pad_mask) if memory and memory.frozen_query and state is not None \
+            and not write else None
+        call = MemoryCall(real, pad_mask is not None, write, segment_ids, betas, inputs, query_x)
         new_state = []
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
         for block, layer_state in zip(self.model.layers, state or [None] * len(self.model.layers)):
@@ -280,6 +292,18 @@ class Transformer(nn.Module):
             x = x[logits]  # (N, d): only the positions asked for
         logits = self.lm_head(self.model.norm(x)) if logits is not False else None  # (B, T, V) or (N, V)
         return logits, (new_state if self.model.layers[0].self_attn.delta_mem is not None else None)
+
+    @torch.no_grad()
+    def backbone_inputs(self, idx, cache: KVCache | None, pad_mask) -> list[torch.Tensor]:
+        """δ-mem frozen_query: every layer's δ-mem input x (B, T, d) as the backbone alone computes it, from a pass
+        on an empty state (which reads zero, so nothing is corrected) that keeps its own twin of the KV cache."""
+        if cache is not None and cache.frozen is None:
+            if cache.pos:
+                raise ValueError("frozen_query: this KV cache was filled by writes; a cache that reads must start reading")
+            cache.frozen = KVCache(*cache.shape)
+        inputs = []
+        self(idx, None, False, cache=cache and cache.frozen, pad_mask=pad_mask, logits=False, inputs=inputs)
+        return inputs
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature=1.0, top_k=None, top_p=None, stop_ids=(),

@@ -57,6 +57,7 @@ class TrainConfig:
     rank: int = 8  # r: each state is r x r
     key_shift: bool = False  # token t writes under token t−1's key, made from the context the value follows (paper: its own)
     write_pass_reads: bool = True  # the write pass also reads the state (paper); off: the history is written from the frozen x
+    frozen_query: bool = False  # reads take their queries from the backbone's own x, not the x the corrections moved (paper: moved)
     beta_bias_init: float = -4.0  # initial write-gate bias: β = sigmoid(-4) = 0.018, a fact keeps ~0.98 per later token (paper: -1.5)
     # data: data.py's task, or chats from a file
     data: str | None = None  # a .json/.jsonl file of {"messages": [...]} chats to train on; leave out for data.py's task
@@ -115,7 +116,8 @@ class TrainConfig:
 
     def memory(self) -> DeltaMemConfig:
         return DeltaMemConfig(write=self.write, rank=self.rank, beta_bias_init=self.beta_bias_init,
-                              key_shift=self.key_shift, write_pass_reads=self.write_pass_reads)
+                              key_shift=self.key_shift, write_pass_reads=self.write_pass_reads,
+                              frozen_query=self.frozen_query)
 
 
 # ----------------------------------------------------------------------------- episodes

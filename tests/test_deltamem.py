@@ -262,6 +262,44 @@ def test_without_write_pass_reads_a_write_runs_the_frozen_backbone():
     assert not torch.allclose(model(idx, state=state, write=False)[0], logits)  # a read-only call still reads
 
 
+def test_frozen_query_reads_with_queries_projected_from_the_backbones_own_x():
+    model, plain, idx = tiny("msw", frozen_query=True), tiny("msw"), tokens()
+    _, s0 = model(tokens(2, 9, seed=5))
+    own = []  # every layer's δ-mem input x on an empty state: the backbone's own (an empty state reads zero)
+    model(idx, write=False, inputs=own)
+    seen = []  # what each layer got that was given a query_x: its x and that query_x
+    record = lambda m, a: seen.append((a[0], a[3])) if a[3] is not None else None
+    hooks = [b.self_attn.delta_mem.register_forward_pre_hook(record) for b in model.model.layers]
+    logits, _ = model(idx, state=s0, write=False)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(own)  # every layer got one (the pass without memory got none)
+    for layer, ((x, query_x), x_own) in enumerate(zip(seen, own)):
+        torch.testing.assert_close(query_x, x_own, **TOL)
+        assert (layer == 0) == torch.allclose(x, x_own)  # above layer 0 the corrections moved x
+    # the same weights reading with queries from their moved x answer differently; given the backbone's x, the same
+    substitute = lambda layer: lambda m, a: (*a[:3], own[layer])
+    assert not torch.allclose(plain(idx, state=s0, write=False)[0], logits)
+    hooks = [b.self_attn.delta_mem.register_forward_pre_hook(substitute(i)) for i, b in enumerate(plain.model.layers)]
+    torch.testing.assert_close(plain(idx, state=s0, write=False)[0], logits, **TOL)
+    for h in hooks:
+        h.remove()
+    # writes are untouched, and a KV-cached read decodes as one call does (the pass without memory keeps its own cache)
+    for a, b in zip(model(idx, state=s0)[1], plain(idx, state=s0)[1]):
+        torch.testing.assert_close(a, b, **TOL)
+    cache = KVCache(model.config, 2, 13, "cpu", torch.float64)
+    parts = [model(idx[:, :6], state=s0, write=False, cache=cache)[0]]
+    parts += [model(idx[:, t:t + 1], state=s0, write=False, cache=cache)[0] for t in range(6, 13)]
+    torch.testing.assert_close(torch.cat(parts, 1), logits, **TOL)
+    cache = KVCache(model.config, 2, 13, "cpu", torch.float64)
+    model(idx[:, :6], state=s0, cache=cache)
+    with pytest.raises(ValueError, match="KV cache was filled by writes"):
+        model(idx[:, 6:7], state=s0, write=False, cache=cache)
+    # the queries' projection still learns: its gradient comes through the reads
+    model(idx, state=s0, write=False)[0].sum().backward()
+    assert model.model.layers[-1].self_attn.delta_mem.memory_q_proj.weight.grad.abs().sum() > 0
+
+
 def test_gradients_reach_the_memory_through_the_state():
     model = tiny()
     _, state = model(tokens(seed=7))  # write pass
