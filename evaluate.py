@@ -260,6 +260,15 @@ def layer_inputs(model, run) -> tuple[list[torch.Tensor], object]:
     return xs, out
 
 
+def query_inputs(model, b: dict, state: list) -> list[torch.Tensor]:
+    """The x (B, T, d) each layer projects its read-pass queries from: its input as the reads of `state` moved it,
+    or with frozen_query the backbone's own (the input on an empty state)."""
+    xs = []
+    model(b["read"], state=None if model.delta_mem_config.frozen_query else state, write=False,
+          pad_mask=b["read_real"], logits=False, inputs=xs)
+    return xs
+
+
 @torch.no_grad()
 def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dict:
     """Why a state of several facts answers with the wrong one, per layer, for token writes. `kept_by_place`: what is
@@ -275,8 +284,7 @@ def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dic
         b = make_batch(tok, group, device)
         with autocast():
             x_write, state = layer_inputs(model, lambda: write_pass(model, b))
-            x_read, _ = layer_inputs(model, lambda: model(b["read"], state=state, write=False, pad_mask=b["read_real"],
-                                                          logits=False))
+            x_read = query_inputs(model, b, state)
         rows = torch.arange(len(group))
         at = torch.tensor([start - 1 for start, _ in b["value_pos"]])  # the position that predicts the value
         told = torch.tensor([[max(t for t, i in enumerate(ids) if i == tok.encode(" " + v)[0]) for v in ep["facts"]]
@@ -337,11 +345,10 @@ def plot_curves(results: dict, path: Path):
 @torch.no_grad()
 def state_reads(model, b: dict, state: list) -> torch.Tensor:
     """What the layers read from `state` in the read pass, at the position that predicts the value's first token:
-    (B, layers·n·r). The read is S q(x), as in DeltaMem.forward, from each layer's input x (`layer_inputs`)."""
+    (B, layers·n·r). The read is S q(x), as in DeltaMem.forward, from each layer's `query_inputs`."""
     rows = torch.arange(len(b["value_pos"]))
     pos = torch.tensor([start - 1 for start, _ in b["value_pos"]])
-    xs, _ = layer_inputs(model, lambda: model(b["read"], state=state, write=False, pad_mask=b["read_real"],
-                                              logits=False))
+    xs = query_inputs(model, b, state)
     reads = []
     for block, x, S in zip(model.model.layers, xs, state):
         mem = block.self_attn.delta_mem

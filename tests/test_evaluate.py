@@ -228,9 +228,10 @@ def test_teacher_forced_exact_match_is_what_greedy_decoding_would_answer(tiny_ck
         assert exact == expected[kind], kind
 
 
-def test_probe_features_are_the_reads_the_model_uses(tiny_ckpt):
+@pytest.mark.parametrize("frozen_query", [False, True])
+def test_probe_features_are_the_reads_the_model_uses(tiny_ckpt, frozen_query):
     """state_reads gives, per layer, the read whose Δo correction the model adds at the position before the value."""
-    model, tok = tiny(tiny_ckpt)
+    model, tok = tiny(tiny_ckpt, frozen_query=frozen_query)
     eps = evaluate.episodes(TaskConfig(), "valid", 4, seed=0)
     b = evaluate.make_batch(tok, eps, "cpu")
     state = evaluate.write_pass(model, b)
@@ -244,6 +245,7 @@ def test_probe_features_are_the_reads_the_model_uses(tiny_ckpt):
     cfg, rows = model.delta_mem_config, torch.arange(4)
     pos = torch.tensor([start - 1 for start, _ in b["value_pos"]])
     m = cfg.num_states * cfg.rank
+    corrections = corrections[-len(model.model.layers):]  # frozen_query: after those of the pass without memory
     for layer, (blk, delta_o) in enumerate(zip(model.model.layers, corrections)):
         read = feats[:, layer * m:(layer + 1) * m] * (cfg.alpha / cfg.rank)
         expected = read @ blk.self_attn.delta_mem.delta_o_proj.weight.T  # (B, d)
