@@ -277,8 +277,8 @@ class Transformer(nn.Module):
             key_real = cache.valid[:, :start + T] if cache is not None else real  # (B, S)
             mask = attention_mask(key_real, start)
         memory = getattr(self, "delta_mem_config", None)
-        query_x = self.backbone_inputs(idx, cache, pad_mask) if memory and memory.frozen_query and state is not None \
-            and not write else None
+        frozen_query = memory is not None and memory.frozen_query and state is not None and not write
+        query_x = self.backbone_inputs(idx, cache, pad_mask) if frozen_query else None
         call = MemoryCall(real, pad_mask is not None, write, segment_ids, betas, inputs, query_x)
         new_state = []
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
@@ -299,10 +299,11 @@ class Transformer(nn.Module):
         on an empty state (which reads zero, so nothing is corrected) that keeps its own twin of the KV cache."""
         if cache is not None and cache.frozen is None:
             if cache.pos:
-                raise ValueError("frozen_query: this KV cache was filled by writes; a cache that reads must start reading")
+                raise ValueError("frozen_query: this KV cache was first filled by writes; read from its first call")
             cache.frozen = KVCache(*cache.shape)
         inputs = []
-        self(idx, None, False, cache=cache and cache.frozen, pad_mask=pad_mask, logits=False, inputs=inputs)
+        self(idx, None, False, cache=cache.frozen if cache is not None else None, pad_mask=pad_mask, logits=False,
+             inputs=inputs)
         return inputs
 
     @torch.no_grad()

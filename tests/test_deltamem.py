@@ -293,7 +293,7 @@ def test_frozen_query_reads_with_queries_projected_from_the_backbones_own_x():
     torch.testing.assert_close(torch.cat(parts, 1), logits, **TOL)
     cache = KVCache(model.config, 2, 13, "cpu", torch.float64)
     model(idx[:, :6], state=s0, cache=cache)
-    with pytest.raises(ValueError, match="KV cache was filled by writes"):
+    with pytest.raises(ValueError, match="KV cache was first filled by writes"):
         model(idx[:, 6:7], state=s0, write=False, cache=cache)
     # the queries' projection still learns: its gradient comes through the reads
     model(idx, state=s0, write=False)[0].sum().backward()
