@@ -208,9 +208,8 @@ class DeltaMem(nn.Module):
         """x (B, T, d) -> ({head: correction (B, T, out)}, new state (B, n, r, r)). `call` (model.MemoryCall) says
         which tokens are real, whether to write, the SSW segment ids, and whether to report the mean write gate β.
         `query_x` (B, T, d), frozen_query: the layer's input as the backbone alone computes it, which the reads of
-        a read-only call project their queries from. Where a trained adapter's answer is read, the corrections of the
-        layers below move x by up to 0.4–0.95 of its norm, alike for every question about one state, so a query made
-        from the moved x cannot tell which of the state's facts was asked.
+        a read-only call project their queries from. The corrections of the layers below move x alike for every
+        question about one state, so a query made from the moved x may not tell which of the state's facts was asked.
         The corrections come in the adapter's dtype (fp32): the caller casts them to that of the outputs they
         are added to."""
         B, T, _ = x.shape
