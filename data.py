@@ -303,7 +303,8 @@ def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> di
     """Write pass (the written messages, at most the last write_len tokens, with SSW segment ids) and read pass (the
     visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value.
     Episodes that share one `write` list (episodes(ask_all=True)) share one row of the write pass: `write_of` (B,)
-    is each episode's row."""
+    is each episode's row. Where the episodes know their facts: `told` (B, facts), the place in its write row of the
+    last token that spells each fact's value's first token, and `asked` (B,), which of the facts is asked."""
     rows = {}  # id of a write list -> (its row in the write pass, the list)
     write_of = [rows.setdefault(id(ep["write"]), (len(rows), ep["write"]))[0] for ep in eps]
     hist = [chat_with_segments(tok, w) for _, w in rows.values()]
@@ -321,31 +322,77 @@ def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> di
              write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
              read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100),
              write_of=torch.tensor(write_of))
+    if all("facts" in ep for ep in eps):
+        ids = [hist[row][0] for row in write_of]
+        t["told"] = torch.tensor([[len(row) - 1 - row[::-1].index(tok.encode(" " + v)[0]) for v in ep["facts"]]
+                                  for ep, row in zip(eps, ids)])  # (B, facts)
+        t["asked"] = torch.tensor([ep["facts"].index(ep["value"]) for ep in eps])  # (B,)
     return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
 
 
-def write_pass(model, b, betas: list | None = None):
+def write_pass(model, b, betas: list | None = None, inputs: list | None = None):
     """Write a batch's histories into a fresh δ-mem state (no logits needed) and return each episode's state, one
-    (B, n, r, r) per layer; `betas`, if a list, receives each layer's mean write gate β."""
-    state = model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False, betas=betas)[1]
+    (B, n, r, r) per layer; `betas`, if a list, receives each layer's mean write gate β, `inputs` each layer's x."""
+    state = model(b["write"], pad_mask=b["write_real"], segment_ids=b["segments"], logits=False, betas=betas,
+                  inputs=inputs)[1]
     return [s.index_select(0, b["write_of"]) for s in state]  # (B, n, r, r): the state of each episode's history
 
 
-def episode_loss(model, b, beta_weight: float, beta_target: float) -> dict:
+def fact_inputs(model, b, x_write: list, x_read: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer's inputs at the places that decide what a read of several facts returns (token writes): the x each
+    fact's value was written under a key from (the value's last token `told`, or with key_shift the token before it),
+    (L, B, facts, d), and the x of the query where the answer's value is predicted, (L, B, d). x_write: each layer's
+    x in the write pass (B_write, T, d); x_read: the x each layer made its read-pass queries from (B, T', d)."""
+    shift = int(model.delta_mem_config.key_shift)
+    rows = b["write_of"][:, None]  # (B, 1)
+    at = torch.tensor([start - 1 for start, _ in b["value_pos"]], device=b["read"].device)  # (B,): predicts the value
+    x_facts = torch.stack([x[rows, b["told"] - shift] for x in x_write])  # (L, B, facts, d)
+    x_query = torch.stack([x[torch.arange(len(at), device=at.device), at] for x in x_read])  # (L, B, d)
+    return x_facts, x_query
+
+
+def address_logits(mem, x_facts, x_query) -> torch.Tensor:
+    """One layer's q·k between the query made from x_query (B, d) and the keys made from x_facts (B, facts, d), per
+    state: how much a read takes from each fact's write, before the gates: (B, n, facts)."""
+    k = mem.project(x_facts.to(mem.beta_bias.dtype))[1]  # (B, facts, n, r)
+    q = mem.project(x_query.to(mem.beta_bias.dtype)[:, None])[0][:, 0]  # (B, n, r)
+    return torch.einsum("bfnr,bnr->bnf", k, q)
+
+
+def address_loss(model, x_facts, x_query, asked, tau: float = 0.1) -> tuple[torch.Tensor, float]:
+    """Teach each query to find the asked fact (ours, not the paper's): per layer and state, cross-entropy of
+    q·k / tau over the facts of the history (fact_inputs' x, detached, so only W_mq and W_mk learn), the asked one
+    (B,) the target; mean over layers. Returns the loss and how often the asked fact had the largest q·k."""
+    loss, top1 = 0.0, 0.0
+    mems = [block.self_attn.delta_mem for block in model.model.layers]
+    for mem, xf, xq in zip(mems, x_facts.detach(), x_query.detach()):
+        logits = address_logits(mem, xf, xq) / tau  # (B, n, facts)
+        target = asked[:, None].expand(logits.shape[:2])  # (B, n)
+        loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        top1 += (logits.argmax(-1) == target).float().mean().item()
+    return loss / len(mems), top1 / len(mems)
+
+
+def episode_loss(model, b, beta_weight: float, beta_target: float, address_weight: float = 0.0) -> dict:
     """The training objective on a batch (paper, training; official trainer): write the histories into a fresh
     state, read question + answer with writes off and without the history in context, cross-entropy on the answer
     tokens + beta_weight · mean over layers of (mean β of the write pass − beta_target)². Gradients flow through the
-    state into the whole write pass. Returns a dict: ce (summed over answer tokens), tokens, beta_term, beta_mean
-    (detached), state."""
-    betas = []
-    state = write_pass(model, b, betas)
+    state into the whole write pass. address_weight > 0 adds address_weight · address_loss (ours). Returns a dict:
+    ce (summed over answer tokens), tokens, beta_term and address_term (per episode), beta_mean (detached),
+    address_top1 (None without the address term), state."""
+    betas, x_write, x_read = [], [] if address_weight else None, [] if address_weight else None
+    state = write_pass(model, b, betas, x_write)
     targets = b["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     where = F.pad(targets != -100, (0, 1))  # (B, T): positions that predict an answer token
-    logits, _ = model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=where)  # (N, V)
+    logits, _ = model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=where,
+                      inputs=x_read)  # (N, V)
     ce = F.cross_entropy(logits.float(), targets[where[:, :-1]], reduction="sum")
     mean_beta = torch.stack(betas).mean().detach() if betas else torch.zeros(())
+    address, top1 = torch.zeros(()), None
+    if address_weight:
+        address, top1 = address_loss(model, *fact_inputs(model, b, x_write, x_read), b["asked"])
     return dict(ce=ce, tokens=where.sum(), beta_term=beta_weight * beta_term(betas, beta_target),
-                beta_mean=mean_beta, state=state)
+                address_term=address_weight * address, beta_mean=mean_beta, address_top1=top1, state=state)
 
 
 # ----------------------------------------------------------------------------- chat messages -> state

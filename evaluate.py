@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, chat_episodes, chat_with_segments, episodes, make_batch,
-                  pad, read_chats, target_ids, task_words, value_span, write_messages, write_pass)
-from deltamem import previous_keys, zero_state
+from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, address_logits, chat_episodes, chat_with_segments, episodes,
+                  fact_inputs, make_batch, pad, read_chats, target_ids, task_words, value_span, write_messages,
+                  write_pass)
+from deltamem import zero_state
 from deltamem_io import load_adapter, read_safetensors
 from load_hf_weights import checkpoint_dir
 from model import load_model
@@ -247,25 +248,11 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
     return {"capacity": capacity, "forgetting": forgetting, "n": n}
 
 
-def layer_inputs(model, run) -> tuple[list[torch.Tensor], object]:
-    """Every layer's δ-mem input x (B, T, d) while run() runs the model (forward hooks), and what run() returned."""
-    xs = []
-    handles = [block.self_attn.delta_mem.register_forward_hook(lambda mem, args, _: xs.append(args[0]))
-               for block in model.model.layers]
-    try:
-        out = run()
-    finally:
-        for h in handles:
-            h.remove()
-    return xs, out
-
-
 def query_inputs(model, b: dict, state: list) -> list[torch.Tensor]:
     """The x (B, T, d) each layer projects its read-pass queries from: its input as the reads of `state` moved it,
     or with frozen_query the backbone's own (the input on an empty state)."""
     xs = []
-    model(b["read"], state=None if model.delta_mem_config.frozen_query else state, write=False,
-          pad_mask=b["read_real"], logits=False, inputs=xs)
+    model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=xs)
     return xs
 
 
@@ -283,25 +270,18 @@ def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dic
         group = eps[i:i + batch_size]
         b = make_batch(tok, group, device)
         with autocast():
-            x_write, state = layer_inputs(model, lambda: write_pass(model, b))
-            x_read = query_inputs(model, b, state)
-        rows = torch.arange(len(group))
-        at = torch.tensor([start - 1 for start, _ in b["value_pos"]])  # the position that predicts the value
-        told = torch.tensor([[max(t for t, i in enumerate(ids) if i == tok.encode(" " + v)[0]) for v in ep["facts"]]
-                             for ep, ids in zip(group, b["write"].tolist())])  # (B, facts): last token of each value
-        asked = torch.tensor([ep["facts"].index(ep["value"]) for ep in group])  # (B,)
-        for l, (mem, xw, xr) in enumerate(zip(mems, x_write, x_read)):
-            _, k, _, beta_logit = mem.project(xw.to(mem.beta_bias.dtype))  # (B, T, n, r) each
-            if mem.cfg.key_shift:  # the key each token wrote under
-                k = previous_keys(k, b["write_real"])
-            q = mem.project(xr[rows, at][:, None].to(mem.beta_bias.dtype))[0][:, 0]  # (B, n, r)
+            x_write = []
+            state = write_pass(model, b, inputs=x_write)
+            x_facts, x_query = fact_inputs(model, b, x_write, query_inputs(model, b, state))  # (L, B, f, d), (L, B, d)
+        for l, (mem, xw) in enumerate(zip(mems, x_write)):
+            beta_logit = mem.project(xw.to(mem.beta_bias.dtype))[3]  # (B, T, n, r)
             # (B, T, n, r): log λ_t, 0 on padding
             log_keep = torch.nn.functional.logsigmoid(-beta_logit) * b["write_real"][..., None, None]
             later = log_keep.flip(1).cumsum(1).flip(1) - log_keep  # (B, T, n, r): Σ_{s>t} log λ_s
             weight = (torch.sigmoid(beta_logit) * later.exp()).mean((-2, -1))  # (B, T)
-            kept[:, l] += weight[rows[:, None], told].sum(0).cpu()  # (facts,)
-            sims = (k[rows[:, None], told] * q[:, None]).sum(-1)  # (B, facts, n): q·k per state
-            match[l] += (sims.argmax(1) == asked[:, None]).float().mean(-1).sum().cpu()
+            kept[:, l] += weight[b["write_of"][:, None], b["told"]].sum(0).cpu()  # (facts,)
+            sims = address_logits(mem, x_facts[l], x_query[l])  # (B, n, facts): q·k per state
+            match[l] += (sims.argmax(-1) == b["asked"][:, None]).float().mean(-1).sum().cpu()
     return {"kept_by_place": (kept / len(eps)).tolist(), "key_match": (match / len(eps)).tolist(),
             "key_match_chance": 1 / places}
 

@@ -157,7 +157,7 @@ class MemoryCall:
     write: bool  # False: read only, the state is returned unchanged
     segment_ids: torch.Tensor | None  # (B, T) SSW message id of each token, -1 = not written
     betas: list | None = None  # if a list, each layer that writes appends the mean of its write gates β (training)
-    inputs: list | None = None  # if a list, each layer appends its δ-mem input x (B, T, d)
+    inputs: list | None = None  # if a list, each layer appends the x (B, T, d) its δ-mem projects queries from
     query_x: list | None = None  # frozen_query: per layer, the x (B, T, d) a read projects its queries from
 
 
@@ -181,9 +181,9 @@ class Attention(nn.Module):
         hd = self.cfg.head_dim
         delta = {}
         if self.delta_mem is not None:
-            if call.inputs is not None:
-                call.inputs.append(x)
             query_x = call.query_x[layer] if call.query_x is not None else None
+            if call.inputs is not None:
+                call.inputs.append(x if query_x is None else query_x)
             delta, state = self.delta_mem(x, state, call, query_x)  # corrections read from the state, each (B, T, out)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
         q, k, v = (t + delta[h].to(t.dtype) if h in delta else t for h, t in zip("qkv", (q, k, v)))
@@ -259,7 +259,8 @@ class Transformer(nn.Module):
         `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them;
         a (B, T) bool tensor computes them only where it is True, as (N, V). `betas`: a list that every writing δ-mem
         layer appends its mean write gate β to (the training loss's sparsity term); nothing is kept between calls.
-        `inputs`: a list that every layer appends its δ-mem input x to.
+        `inputs`: a list that every layer appends the x its δ-mem projects queries from: its input, or in a
+        frozen_query read the backbone's own.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, d)

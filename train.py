@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, chat_episodes, episode_loss, episodes, make_batch, read_chats,
-                  task_words, vocabulary)
+from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, address_loss, chat_episodes, episode_loss, episodes, fact_inputs,
+                  make_batch, read_chats, task_words, vocabulary, write_pass)
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
 from deltamem_io import atomic_path, base_model_id, load_adapter, save_adapter
 from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot
@@ -87,7 +87,9 @@ class TrainConfig:
     beta_weight: float = 0.01  # weight of the β sparsity term
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
     copy_warmup: int | None = None  # steps teaching the read-out to copy words first: leave out for 300 (1500 for ssw); 0: none
-    init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no warm-up
+    init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no copy warm-up
+    key_warmup: int = 0  # steps fitting W_mq, W_mk to find the asked fact's key, on 512 histories, before training (ours)
+    address_weight: float = 0.0  # weight of a loss that teaches each query to find the asked fact's key (ours)
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
     eval_episodes: int = 128  # episodes per split in the final evaluation (0: none)
@@ -105,6 +107,9 @@ class TrainConfig:
         self.out = self.out or f"runs/{self.write}"
         if self.ask_all and self.data:
             raise ValueError("--ask-all asks about data.py's facts: it does not apply to --data")
+        if (self.key_warmup or self.address_weight) and (self.data or self.facts < 2 or self.write == "ssw"):
+            raise ValueError("--key-warmup and --address-weight teach token writes (tsw, msw) to tell data.py's facts "
+                             "apart: they need --facts 2 or more and no --data")
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
@@ -166,7 +171,7 @@ class EpisodeLoss(nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, batch: dict) -> dict:
-        return episode_loss(self.model, batch, self.cfg.beta_weight, self.cfg.beta_target)
+        return episode_loss(self.model, batch, self.cfg.beta_weight, self.cfg.beta_target, self.cfg.address_weight)
 
 
 # ----------------------------------------------------------------------------- training
@@ -199,21 +204,24 @@ def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: 
     lr = get_lr(step, total, cfg)
     for group in opt.param_groups:
         group["lr"] = lr
-    ce_sum, beta_mean, norm = torch.zeros((), device=device), 0.0, 0.0
+    ce_sum, beta_mean, norm, top1 = torch.zeros((), device=device), 0.0, 0.0, 0.0
     for i, b in enumerate(micro):
         last = i == len(micro) - 1  # DDP averages the gradients after the last micro-batch's backward only
         with (engine.no_sync() if world > 1 and not last else nullcontext()):
             with autocast():
                 out = engine(b)
-            (world * (out["ce"] / n_tokens + out["beta_term"] * len(b["labels"]) / len(eps))).backward()
+            aux = out["beta_term"] + out["address_term"]  # per episode
+            (world * (out["ce"] / n_tokens + aux * len(b["labels"]) / len(eps))).backward()
         ce_sum += out["ce"].detach()
         beta_mean += out["beta_mean"].item() / len(micro)
+        top1 += (out["address_top1"] or 0.0) / len(micro)
         norm += torch.stack([s.float().norm(dim=-1).mean() for s in out["state"]]).mean().item() / len(micro)
     grad_norm = torch.nn.utils.clip_grad_norm_(adapter_parameters(engine).values(), cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return dict(step=step, loss=(all_sum(ce_sum, world) / n_tokens).item(), lr=lr, beta=beta_mean, state_norm=norm,
-                grad_norm=grad_norm.item())
+    row = dict(step=step, loss=(all_sum(ce_sum, world) / n_tokens).item(), lr=lr, beta=beta_mean, state_norm=norm,
+               grad_norm=grad_norm.item())
+    return row | ({"address_top1": top1} if cfg.address_weight else {})
 
 
 def plot_curve(log: list[dict], path: Path):
@@ -320,6 +328,43 @@ def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say
                 flush=True)
 
 
+# ----------------------------------------------------------------------------- key warm-up (not in the paper)
+
+def key_warmup(model, tok, words, cfg: TrainConfig, device, autocast, say, histories=512):
+    """Teach the queries to find the asked fact before teaching the task (ours, not the paper's). A read of several
+    facts returns the one whose key best matches the query; the answer loss alone hardly teaches which one that is.
+    So: for `histories` training histories asked about each of their facts, keep every layer's x at the places the facts'
+    keys are made from and at each question's answer (data.fact_inputs; one forward each, no gradient), then fit W_mq
+    and W_mk of every layer to data.address_loss on them, 384 questions a step (all, if fewer). The x must not move as the fit goes:
+    use --no-write-pass-reads (keys from the frozen x) and --frozen-query (queries from it)."""
+    eps = episodes(cfg.task(), "train", histories, cfg.seed * 1_000_003 - 1, words, ask_all=True)  # apart from the steps'
+    say(f"key warm-up: keeping the x of {histories} histories ({len(eps)} questions), a forward each", flush=True)
+    x_facts, x_query, asked = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(eps), 8 * cfg.facts):  # 8 histories, each asked about every fact
+            b = make_batch(tok, eps[i:i + 8 * cfg.facts], device)
+            x_write, x_read = [], []
+            with autocast():
+                state = write_pass(model, b, inputs=x_write)
+                model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=x_read)
+            xf, xq = fact_inputs(model, b, x_write, x_read)  # (L, B, facts, d), (L, B, d)
+            x_facts.append(xf.float()), x_query.append(xq.float()), asked.append(b["asked"])
+    x_facts, x_query, asked = torch.cat(x_facts, 1), torch.cat(x_query, 1), torch.cat(asked)
+    mems = [block.self_attn.delta_mem for block in model.model.layers]
+    opt = torch.optim.AdamW([p for m in mems for p in (m.memory_q_proj.weight, m.memory_k_proj.weight)], lr=cfg.lr,
+                            weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.key_warmup):
+        pick = torch.randperm(len(asked), generator=gen)[:384].to(device)  # (384,), or all if fewer
+        loss, top1 = address_loss(model, x_facts[:, pick], x_query[:, pick], asked[pick])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == cfg.key_warmup - 1:
+            say(f"key warm-up {step + 1}/{cfg.key_warmup}: loss {loss.item():.2f} (chance {math.log(cfg.facts):.2f}), "
+                f"query finds the fact {top1:.2f}", flush=True)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, model, opt, cfg: TrainConfig, step: int, log: list):
@@ -424,6 +469,8 @@ def main(argv=None):
             load_adapter(model, cfg.init_adapter)
         elif cfg.copy_warmup and step == 0:
             copy_warmup(model, tok, stream.words or vocabulary(tok), cfg, device, autocast, say)
+        if cfg.key_warmup and step == 0:
+            key_warmup(model, tok, stream.words, cfg, device, autocast, say)
         out.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -449,7 +496,8 @@ def main(argv=None):
                                val_shuffled=res["d_shuffled_state"]["value"] / len(val))
                 save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log + [row])
             log.append(row)
-            extra = f" | val state {row['val_state']:.0%} shuffled {row['val_shuffled']:.0%}" if "val_state" in row else ""
+            extra = f" | query finds the fact {row['address_top1']:.2f}" if "address_top1" in row else ""
+            extra += f" | val state {row['val_state']:.0%} shuffled {row['val_shuffled']:.0%}" if "val_state" in row else ""
             say(f"step {step:4d}/{total} loss {row['loss']:.3f} lr {row['lr']:.1e} β {row['beta']:.3f} "
                 f"|S| {row['state_norm']:.2f} {rate:.1f} ep/s ETA {(total - step) * cfg.batch_size / rate / 60:.1f} min"
                 + extra, flush=True)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import train
-from data import TaskConfig, episode_loss, episodes, make_batch, vocabulary, write_pass
+from data import TaskConfig, address_logits, episode_loss, episodes, fact_inputs, make_batch, vocabulary, write_pass
 from data import main as main_data
+from deltamem import previous_keys
 from deltamem_io import read_safetensors
 from tokenizer import load_tokenizer
 
@@ -82,6 +83,55 @@ def test_ask_all_writes_each_history_once_and_reads_it_once_per_fact(tiny_ckpt, 
     for s, a in zip(state, alone):
         assert s.shape[0] == 6 and torch.equal(s[3], s[5])
         torch.testing.assert_close(s[3], a[0], rtol=1e-6, atol=1e-7)  # fp32 rounding: measured 6e-9 on entries ~0.1
+
+
+@pytest.mark.parametrize("key_shift", [False, True])
+def test_address_logits_are_the_q_dot_k_of_the_answers_query_with_each_facts_key(tiny_ckpt, tmp_path, key_shift):
+    """fact_inputs finds, in padded batches of histories asked about each fact, the write of each fact's value (its
+    last mention, here the assistant's acknowledgement) and the key it was written under (with key_shift, the token
+    before's); address_logits is then the q·k of the query where the answer's value is predicted with those keys,
+    as the model's own projections of the whole passes give them."""
+    cfg = config(tiny_ckpt, tmp_path, pool="vocab", acks=True, filler=1, write="msw", key_shift=key_shift,
+                 frozen_query=True)
+    model, tok, device, autocast = train.setup(cfg)
+    eps = episodes(cfg.task(), "train", 3, seed=0, words=vocabulary(tok), ask_all=True)
+    b = make_batch(tok, eps, device)
+    ids = b["write"].tolist()
+    for ep, row, told, asked in zip(eps, b["write_of"].tolist(), b["told"].tolist(), b["asked"].tolist()):
+        assert [ids[row][t] for t in told] == [tok.encode(" " + v)[0] for v in ep["facts"]]
+        assert all(ids[row][t + 1:].count(ids[row][t]) == 0 for t in told)  # the last mention
+        assert ep["facts"][asked] == ep["value"]
+    assert len(set(b["write_real"].sum(1).tolist())) > 1  # padding was exercised
+    x_write, x_read = [], []
+    state = write_pass(model, b, inputs=x_write)
+    model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=x_read)
+    x_facts, x_query = fact_inputs(model, b, x_write, x_read)
+    for mem, xw, xr, xf, xq in zip([blk.self_attn.delta_mem for blk in model.model.layers], x_write, x_read, x_facts,
+                                   x_query):
+        k = mem.project(xw)[1]  # (B_write, T, n, r)
+        if key_shift:
+            k = previous_keys(k, b["write_real"])
+        for i, (start, _) in enumerate(b["value_pos"]):
+            q = mem.project(xr[i:i + 1])[0][0, start - 1]  # (n, r): where the value's first token is predicted
+            keys = k[b["write_of"][i], b["told"][i]]  # (facts, n, r)
+            torch.testing.assert_close(address_logits(mem, xf[i:i + 1], xq[i:i + 1])[0], (keys * q).sum(-1).T,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_the_address_term_trains_the_query_and_key_projections_only(tiny_ckpt, tmp_path):
+    """x is detached in the address loss: even when the write pass reads the state (so its x depends on the
+    adapter), the term reaches W_mq and W_mk of every layer and nothing else; weight 0 leaves it out."""
+    cfg = config(tiny_ckpt, tmp_path, write="msw", key_shift=True, frozen_query=True)
+    model, tok, device, autocast = train.setup(cfg)
+    b = make_batch(tok, episodes(cfg.task(), "train", 2, seed=0, ask_all=True), device)
+    out = episode_loss(model, b, cfg.beta_weight, cfg.beta_target, address_weight=0.5)
+    out["address_term"].backward()
+    for name, p in train.adapter_parameters(model).items():
+        learns = p.grad is not None and p.grad.abs().sum() > 0
+        assert learns == name.endswith(("memory_q_proj.weight", "memory_k_proj.weight")), name
+    assert 0 <= out["address_top1"] <= 1
+    off = episode_loss(model, b, cfg.beta_weight, cfg.beta_target)
+    assert off["address_term"] == 0 and off["address_top1"] is None
 
 
 def test_resume_gives_the_same_next_step(tiny_ckpt, tmp_path):
@@ -159,6 +209,11 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
         train.main(["--ask-all", "--data", "chats.jsonl"])
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.endswith("--ask-all asks about data.py's facts: it does not apply to --data"), error
+    for flags in (["--address-weight", "1"], ["--key-warmup", "5", "--facts", "3", "--write", "ssw"]):
+        with pytest.raises(SystemExit):
+            train.main(flags)
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.endswith("they need --facts 2 or more and no --data"), error
     run = tmp_path / "r2"
     run.mkdir()
     cfg = config(tiny_ckpt, tmp_path)
