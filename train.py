@@ -454,6 +454,7 @@ def engine_for(model, cfg: TrainConfig, world: int):
 
 
 def main(argv=None):
+    started = time.time()  # the wall time reported at the end includes the warm-ups and the final evaluation
     cfg = parse_args(argv)
     rank, world, cfg, threads = distributed(cfg)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -520,7 +521,7 @@ def main(argv=None):
         eps = [ep for c in read_chats(cfg.eval_data) for ep in chat_episodes(c, cfg.episode_config(), random.Random(0))]
         data_evaluation(model, tok, eps, device, autocast, out)
         wrote.append("eval.json")
-    print(f"wrote {', '.join(wrote)} to {out} ({(time.time() - t0) / 60:.1f} min)")
+    print(f"wrote {', '.join(wrote)} to {out} ({(time.time() - started) / 60:.1f} min)")
 
 
 if __name__ == "__main__":
