@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, address_loss, chat_episodes, episode_loss, episodes, fact_inputs,
-                  make_batch, read_chats, task_words, vocabulary, write_pass)
+from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, address_loss, chat_episodes, episode_loss, episodes,
+                  fact_inputs, make_batch, read_chats, task_words, vocabulary, write_pass)
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
 from deltamem_io import atomic_path, base_model_id, load_adapter, save_adapter
 from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot
@@ -333,11 +333,11 @@ def copy_warmup(model, tok, words: dict, cfg: TrainConfig, device, autocast, say
 def key_warmup(model, tok, words, cfg: TrainConfig, device, autocast, say, histories=512):
     """Teach the queries to find the asked fact before teaching the task (ours, not the paper's). A read of several
     facts returns the one whose key best matches the query; the answer loss alone hardly teaches which one that is.
-    So: for `histories` training histories asked about each of their facts, keep every layer's x at the places the facts'
-    keys are made from and at each question's answer (data.fact_inputs; one forward each, no gradient), then fit W_mq
-    and W_mk of every layer to data.address_loss on them, 384 questions a step (all, if fewer). The x must not move as the fit goes:
-    use --no-write-pass-reads (keys from the frozen x) and --frozen-query (queries from it)."""
-    eps = episodes(cfg.task(), "train", histories, cfg.seed * 1_000_003 - 1, words, ask_all=True)  # apart from the steps'
+    So: for `histories` training histories asked about each of their facts, keep every layer's x at the places the
+    facts' keys are made from and at each question's answer (data.fact_inputs; one forward each, no gradient), then
+    fit W_mq and W_mk of every layer to data.address_loss on them, 384 questions a step (all, if fewer). The x must
+    not move as the fit goes: use --no-write-pass-reads (keys from the frozen x) and --frozen-query (queries too)."""
+    eps = episodes(cfg.task(), "train", histories, cfg.seed * 1_000_003 - 1, words, ask_all=True)  # not the steps'
     say(f"key warm-up: keeping the x of {histories} histories ({len(eps)} questions), a forward each", flush=True)
     x_facts, x_query, asked = [], [], []
     with torch.no_grad():
@@ -348,7 +348,9 @@ def key_warmup(model, tok, words, cfg: TrainConfig, device, autocast, say, histo
                 state = write_pass(model, b, inputs=x_write)
                 model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=x_read)
             xf, xq = fact_inputs(model, b, x_write, x_read)  # (L, B, facts, d), (L, B, d)
-            x_facts.append(xf.float()), x_query.append(xq.float()), asked.append(b["asked"])
+            x_facts.append(xf.float())
+            x_query.append(xq.float())
+            asked.append(b["asked"])
     x_facts, x_query, asked = torch.cat(x_facts, 1), torch.cat(x_query, 1), torch.cat(asked)
     mems = [block.self_attn.delta_mem for block in model.model.layers]
     opt = torch.optim.AdamW([p for m in mems for p in (m.memory_q_proj.weight, m.memory_k_proj.weight)], lr=cfg.lr,
