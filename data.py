@@ -388,7 +388,7 @@ def episode_loss(model, b, beta_weight: float, beta_target: float, address_weigh
                       inputs=x_read)  # (N, V)
     ce = F.cross_entropy(logits.float(), targets[where[:, :-1]], reduction="sum")
     mean_beta = torch.stack(betas).mean().detach() if betas else torch.zeros(())
-    address, top1 = torch.zeros(()), None
+    address, top1 = ce.new_zeros(()), None
     if address_weight:
         address, top1 = address_loss(model, *fact_inputs(model, b, x_write, x_read), b["asked"])
     return dict(ce=ce, tokens=where.sum(), beta_term=beta_weight * beta_term(betas, beta_target),
