@@ -251,8 +251,9 @@ def curves(model, tok, task: TaskConfig, n: int, seed: int, device, autocast, fi
 def query_inputs(model, b: dict, state: list) -> list[torch.Tensor]:
     """The x (B, T, d) each layer projects its read-pass queries from: its input as the reads of `state` moved it,
     or with frozen_query the backbone's own (the input on an empty state)."""
-    xs = []
-    model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=xs)
+    xs = []  # with frozen_query, a pass on an empty state records the same x as a read of `state`, in one pass
+    model(b["read"], state=None if model.delta_mem_config.frozen_query else state, write=False,
+          pad_mask=b["read_real"], logits=False, inputs=xs)
     return xs
 
 
@@ -272,7 +273,7 @@ def anatomy(model, tok, eps: list[dict], device, autocast, batch_size=32) -> dic
         with autocast():
             x_write = []
             state = write_pass(model, b, inputs=x_write)
-            x_facts, x_query = fact_inputs(model, b, x_write, query_inputs(model, b, state))  # (L, B, f, d), (L, B, d)
+            x_facts, x_query = fact_inputs(model, b, x_write, query_inputs(model, b, state))  # (L,B,f,d), (L,B,d)
         for l, (mem, xw) in enumerate(zip(mems, x_write)):
             beta_logit = mem.project(xw.to(mem.beta_bias.dtype))[3]  # (B, T, n, r)
             # (B, T, n, r): log λ_t, 0 on padding

@@ -43,7 +43,7 @@ from data import (ATTRIBUTES, EpisodeConfig, TaskConfig, address_loss, chat_epis
                   fact_inputs, make_batch, read_chats, task_words, vocabulary, write_pass)
 from deltamem import WRITE_MODES, DeltaMemConfig, adapter_parameters, attach
 from deltamem_io import atomic_path, base_model_id, load_adapter, save_adapter
-from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot
+from evaluate import CONDITIONS, data_evaluation, evaluate, final_evaluation, pyplot, query_inputs
 from load_hf_weights import checkpoint_dir
 from model import load_model
 from runtime import DTYPES, HelpFormatter, configure, precision
@@ -343,11 +343,10 @@ def key_warmup(model, tok, words, cfg: TrainConfig, device, autocast, say, histo
     with torch.no_grad():
         for i in range(0, len(eps), 8 * cfg.facts):  # 8 histories, each asked about every fact
             b = make_batch(tok, eps[i:i + 8 * cfg.facts], device)
-            x_write, x_read = [], []
+            x_write = []
             with autocast():
                 state = write_pass(model, b, inputs=x_write)
-                model(b["read"], state=state, write=False, pad_mask=b["read_real"], logits=False, inputs=x_read)
-            xf, xq = fact_inputs(model, b, x_write, x_read)  # (L, B, facts, d), (L, B, d)
+                xf, xq = fact_inputs(model, b, x_write, query_inputs(model, b, state))  # (L, B, facts, d), (L, B, d)
             x_facts.append(xf.float())
             x_query.append(xq.float())
             asked.append(b["asked"])
