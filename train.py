@@ -30,7 +30,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -90,6 +90,7 @@ class TrainConfig:
     init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no copy warm-up
     key_warmup: int = 0  # steps fitting W_mq, W_mk to find the asked fact's key, on 512 histories, before training (ours)
     address_weight: float = 0.0  # weight of a loss that teaches each query to find the asked fact's key (ours)
+    one_fact_episodes: int = 0  # first a stage of this many one-fact episodes without small talk, in out/one_fact; then --facts from its adapter (ours)
     # evaluation and bookkeeping
     eval_every: int = 50  # steps between quick validations
     eval_episodes: int = 128  # episodes per split in the final evaluation (0: none)
@@ -110,6 +111,9 @@ class TrainConfig:
         if (self.key_warmup or self.address_weight) and (self.data or self.facts < 2 or self.write == "ssw"):
             raise ValueError("--key-warmup and --address-weight teach token writes (tsw, msw) to tell data.py's facts "
                              "apart: they need --facts 2 or more and no --data")
+        if self.one_fact_episodes and (self.data or self.facts < 2):
+            raise ValueError("--one-fact-episodes is a first stage of data.py's task before --facts 2 or more: "
+                             "it needs no --data")
 
     def task(self) -> TaskConfig:
         return TaskConfig(attributes=self.attributes, values=self.values, facts=self.facts, filler=self.filler,
@@ -225,17 +229,26 @@ def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: 
 
 
 def plot_curve(log: list[dict], path: Path):
+    """Training loss and validation recall (state only and the shuffled-state control) against the run's wall
+    time, warm-ups included; a dotted line where a curriculum's next stage (more facts per history) begins."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=0.8, label="train answer CE")
+    def minutes(rows):  # logs from before the wall time was logged have none
+        return [r.get("minutes", math.nan) for r in rows]
+
+    ax.plot(minutes(log), [r["loss"] for r in log], lw=0.8, label="train answer CE")
+    for before, r in zip(log, log[1:]):
+        if r.get("facts") != before.get("facts"):
+            ax.axvline(r["minutes"], ls=":", c="k", lw=0.8)
+            ax.text(r["minutes"], ax.get_ylim()[1], f" {r['facts']} facts", va="top", fontsize=8)
     val = [r for r in log if "val_state" in r]
     if val:
         ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in val], [r["val_state"] for r in val], "o-", c="C3", label="val state-only acc")
-        ax2.plot([r["step"] for r in val], [r["val_shuffled"] for r in val], "o-", c="C7", label="val shuffled acc")
+        ax2.plot(minutes(val), [r["val_state"] for r in val], "o-", c="C3", label="val state-only acc")
+        ax2.plot(minutes(val), [r["val_shuffled"] for r in val], "o-", c="C7", label="val shuffled acc")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right", fontsize=8)
-    ax.set_xlabel("step")
+    ax.set_xlabel("minutes (wall time, warm-ups included)")
     ax.set_ylabel("loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -454,19 +467,44 @@ def engine_for(model, cfg: TrainConfig, world: int):
     return DistributedDataParallel(engine, device_ids=[device] if device.type == "cuda" else None)
 
 
+def stages(cfg: TrainConfig) -> list[TrainConfig]:
+    """The runs one command makes: cfg, or with --one-fact-episodes first a stage of one fact per history without
+    small talk (out/one_fact; from --init-adapter if given) whose adapter cfg's run starts from (a curriculum, ours: from the copy warm-up straight
+    to three facts, the answer loss did not fall). --resume continues the stage that was interrupted."""
+    if not cfg.one_fact_episodes:
+        return [cfg]
+    first = replace(cfg, facts=1, acks=False, filler=0, ask_all=False, key_warmup=0, address_weight=0,
+                    episodes=cfg.one_fact_episodes, one_fact_episodes=0, eval_episodes=0, out=str(Path(cfg.out, "one_fact")))
+    second = replace(cfg, init_adapter=str(Path(first.out, "adapter.safetensors")))
+    if cfg.resume and Path(cfg.out, "ckpt.pt").is_file():  # the second stage had begun
+        return [second]
+    return [first, replace(second, resume=False)]
+
+
 def main(argv=None):
-    started = time.time()  # the wall time reported at the end includes the warm-ups and the final evaluation
+    started = time.time()  # the wall time reported at the end includes every stage, warm-up and the final evaluation
     cfg = parse_args(argv)
     rank, world, cfg, threads = distributed(cfg)
+    log = []  # a stage's log goes on in the next one's (its loss.png shows the whole curriculum)
+    for stage in stages(cfg):
+        log = run(stage, rank, world, threads, started, log)
+    if world > 1:  # leave together: a rank that exits while another still saves aborted in gloo (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(cfg: TrainConfig, rank: int, world: int, threads: int, started: float, before: list) -> list[dict]:
+    """One training run: warm-ups, the steps with validations and checkpoints, the adapter, the final evaluation.
+    `before`: the previous stage's log rows, kept at the head of this run's log. Returns the log."""
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
+    out, begun = Path(cfg.out), time.time()
     try:
         model, tok, device, autocast = setup(cfg, threads)
         stream = EpisodeStream(cfg, tok)
         params = list(adapter_parameters(model).values())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        step, log = load_checkpoint(out / "ckpt.pt", model, opt) if cfg.resume else (0, [])
+        step, log = load_checkpoint(out / "ckpt.pt", model, opt) if cfg.resume else (0, list(before))
         if cfg.init_adapter and step == 0:
             load_adapter(model, cfg.init_adapter)
         elif cfg.copy_warmup and step == 0:
@@ -478,17 +516,19 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     engine = engine_for(model, cfg, world)
     total = max(1, cfg.episodes // cfg.batch_size)
-    say(f"δ-mem {cfg.write}: {sum(p.numel() for p in params):,} trainable parameters; {total} steps of "
-        f"{cfg.batch_size} episodes" + (f" ({world} ranks x {cfg.batch_size // world})" if world > 1 else "")
+    say(f"δ-mem {cfg.write}, {cfg.facts} fact(s) per history: {sum(p.numel() for p in params):,} trainable parameters; "
+        f"{total} steps of {cfg.batch_size} episodes" + (f" ({world} ranks x {cfg.batch_size // world})" if world > 1 else "")
         + f" on {device}; data: {stream.describe()}", flush=True)
     val = episodes(cfg.task(), "valid", 64, cfg.seed, stream.words) if cfg.data is None else None
     t0, done = time.time(), step
+    so_far = log[-1].get("minutes", 0.0) if log else 0.0  # training minutes of the stages before / before the interruption
     try:
         while step < total:
             row = train_step(engine, opt, tok, cfg, stream, step, total, device, autocast, rank, world)
             if not math.isfinite(row["loss"]):
                 sys.exit(f"error: loss became {row['loss']} at step {step}; the last good checkpoint is {out / 'ckpt.pt'}")
             step += 1
+            row.update(minutes=so_far + (time.time() - begun) / 60, facts=cfg.facts)  # warm-ups included
             rate = (step - done) * cfg.batch_size / (time.time() - t0)
             if rank == 0 and (step % cfg.eval_every == 0 or step == total):
                 if val is not None:
@@ -507,11 +547,8 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(out / "ckpt.pt", model, opt, cfg, step, log)
         sys.exit(f"interrupted at step {step}; saved {out / 'ckpt.pt'} (continue with --resume)")
-    if world > 1:  # leave together: a rank that exits while another still saves aborted in gloo (SIGABRT)
-        dist.barrier()
-        dist.destroy_process_group()
     if rank != 0:
-        return
+        return log
     save_adapter(model, out / "adapter.safetensors", {"train_config": json.dumps(asdict(cfg))})
     plot_curve(log, out / "loss.png")
     wrote = ["adapter.safetensors", "ckpt.pt", "loss.png"]
@@ -523,6 +560,7 @@ def main(argv=None):
         data_evaluation(model, tok, eps, device, autocast, out)
         wrote.append("eval.json")
     print(f"wrote {', '.join(wrote)} to {out} ({(time.time() - started) / 60:.1f} min)")
+    return log
 
 
 if __name__ == "__main__":

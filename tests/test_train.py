@@ -198,6 +198,28 @@ def test_main_with_the_vocab_pool_and_copy_warmup(tiny_ckpt, tmp_path):
                for k, a in read_safetensors(tmp_path / "next" / "adapter.safetensors")[0].items())
 
 
+def test_one_fact_episodes_run_a_one_fact_stage_first_and_train_from_its_adapter(tiny_ckpt, tmp_path):
+    """The curriculum in one command: out/one_fact holds a one-fact run (no small talk, no addressing), the main
+    stage starts from its adapter, and the main stage's log carries on the first's (wall time growing, facts 1 then
+    3). --resume after the first stage finished runs only what is left."""
+    flags = ["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "4",
+             "--micro-batch", "4", "--eval-every", "1", "--eval-episodes", "0", "--pool", "vocab", "--facts", "3",
+             "--acks", "--filler", "1", "--ask-all", "--copy-warmup", "2", "--one-fact-episodes", "8", "--episodes", "4"]
+    train.main(flags)
+    first, second = train.stages(train.parse_args(flags))
+    assert (first.facts, first.filler, first.acks, first.ask_all, first.episodes, first.eval_episodes) == (1, 0, False,
+                                                                                                            False, 8, 0)
+    assert first.out == str(tmp_path / "run" / "one_fact") and first.one_fact_episodes == 0
+    assert second.init_adapter == str(tmp_path / "run" / "one_fact" / "adapter.safetensors")
+    meta = read_safetensors(tmp_path / "run" / "adapter.safetensors")[1]
+    assert json.loads(meta["train_config"])["init_adapter"] == second.init_adapter
+    log = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["log"]
+    assert [r["facts"] for r in log] == [1, 1, 3]  # 8 one-fact episodes in steps of 4, then one step of 4 histories
+    assert all(a["minutes"] <= b["minutes"] for a, b in zip(log, log[1:])) and all("val_state" in r for r in log)
+    assert (tmp_path / "run" / "one_fact" / "adapter.safetensors").is_file()
+    assert [s.out for s in train.stages(train.parse_args(flags + ["--resume"]))] == [str(tmp_path / "run")]
+
+
 def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no checkpoint to resume from"):
         train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "r"), "--resume", "--device", "cpu"])
@@ -214,6 +236,11 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
             train.main(flags)
         error = capsys.readouterr().err.splitlines()[-1]
         assert error.endswith("they need --facts 2 or more and no --data"), error
+    for flags in (["--one-fact-episodes", "8"], ["--one-fact-episodes", "8", "--facts", "3", "--data", "chats.jsonl"]):
+        with pytest.raises(SystemExit):
+            train.main(flags)
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.endswith("before --facts 2 or more: it needs no --data"), error
     run = tmp_path / "r2"
     run.mkdir()
     cfg = config(tiny_ckpt, tmp_path)
