@@ -1,7 +1,6 @@
 """Fit a δ-mem adapter on a frozen backbone, then evaluate whether its state remembers.
 
-    python train.py --write tsw                       # the embedded SmolLM2-135M on CPU, data.py's task
-    python train.py --acks --filler 1 --init-adapter runs/tsw/adapter.safetensors --out runs/chat   # then chat-shaped
+    python train.py --write tsw                       # the embedded SmolLM2-135M on CPU, data.py's task, 3 facts
     python train.py --data chats.jsonl --eval-data heldout.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
     torchrun --nproc_per_node 8 train.py --data chats.jsonl --ckpt checkpoints/qwen3-4b --batch-size 32
 
@@ -12,9 +11,14 @@ mean over layers of (mean β − beta_target)², with gradients through the stat
 (data.episode_loss). Before the first episode, `copy_warmup` (ours; --copy-warmup 0 for the paper's init) teaches
 the read-out to copy words; without it, no value outside a small trained set was ever recalled. Episodes come from
 chats (data.chat_episodes): data.py's synthetic facts-in-a-chat task by default, or --data, a file of
-{"messages": [...]} chats. The final evaluation is evaluate.py's: on held-out episodes,
-the frozen backbone (question only; history in context), the δ-mem state alone, a shuffled state (another episode's,
-the informative control) and state + history, with 95% intervals.
+{"messages": [...]} chats. On data.py's task with several facts (the default: three, acknowledged, with small talk)
+the run is a curriculum of ours: a one-fact stage (`stages`), then `key_warmup` and the addressing loss beside the
+answer's, which teach each question's query to find its fact among the others. Also ours by default: 16×16 states,
+token writes keyed by the previous token (--key-shift), a write pass that does not read and reads whose queries come
+from the backbone's own x (DeltaMemConfig); each is one flag away from the paper (one fact, as the paper trains:
+--rank 8 --facts 1 --no-acks --filler 0 --no-key-shift --write-pass-reads --no-frozen-query). The final evaluation is
+evaluate.py's: on held-out episodes, the frozen backbone (question only; history in context), the δ-mem state alone,
+a shuffled state (another episode's, the informative control) and state + history, with 95% intervals.
 
 Under torchrun, every rank takes its share of each step's episodes and DistributedDataParallel averages the
 adapter's gradients (nccl on CUDA, gloo on CPU); the frozen backbone is loaded by every rank and never synchronised.
@@ -54,10 +58,10 @@ from tokenizer import load_tokenizer
 class TrainConfig:
     # δ-mem
     write: str = "tsw"  # tsw: every token writes; ssw: one write per message; msw: 4 states, every token
-    rank: int = 8  # r: each state is r x r
-    key_shift: bool = False  # token t writes under token t−1's key, made from the context the value follows (paper: its own)
-    write_pass_reads: bool = True  # the write pass also reads the state (paper); off: the history is written from the frozen x
-    frozen_query: bool = False  # reads take their queries from the backbone's own x, not the x the corrections moved (paper: moved)
+    rank: int = 16  # r: each state is r x r (paper: 8; 16 recalls more unseen words: README)
+    key_shift: bool | None = None  # token t writes under token t−1's key, made from the context the value follows (paper: its own); leave out for: yes with tsw/msw
+    write_pass_reads: bool = False  # the write pass also reads the state (paper); off: the history is written from the frozen x
+    frozen_query: bool = True  # reads take their queries from the backbone's own x, not the x the corrections moved (paper: moved)
     beta_bias_init: float = -4.0  # initial write-gate bias: β = sigmoid(-4) = 0.018, a fact keeps ~0.98 per later token (paper: -1.5)
     # data: data.py's task, or chats from a file
     data: str | None = None  # a .json/.jsonl file of {"messages": [...]} chats to train on; leave out for data.py's task
@@ -69,14 +73,14 @@ class TrainConfig:
     # data.py's task
     attributes: int = 3  # attributes in the task (colour, animal, food, ... up to 8)
     values: int = 8  # training values per attribute
-    facts: int = 1  # facts per history, one per attribute; one of them is asked
-    filler: int = 0  # small-talk turns placed between and after the facts
+    facts: int = 3  # facts per history, one per attribute; one of them is asked
+    filler: int = 1  # small-talk turns placed between and after the facts
     answer: str = "short"  # short: "It's teal." | sentence: "Your favourite colour is teal."
     pool: str = "vocab"  # values: vocab (~16k words from the tokenizer, 1 in 10 never trained) | lists (8 per attribute)
-    acks: bool = False  # the assistant acknowledges each fact, as in a chat
-    ask_all: bool = False  # ask about every fact of a history (one write pass, --facts reads), not one; counts as one episode
+    acks: bool = True  # the assistant acknowledges each fact, as in a chat
+    ask_all: bool | None = None  # ask about every fact of a history (one write pass, --facts reads), not one; counts as one episode; leave out for: yes with data.py's task and --facts 2+
     # optimisation
-    episodes: int = 2400  # training episodes in total
+    episodes: int | None = None  # training episodes in total; leave out for 800 (histories, every fact asked) with data.py's task and --facts 2+, else 2400
     batch_size: int = 8  # episodes per optimizer step
     micro_batch: int = 8  # episodes per forward/backward (accumulated up to batch_size)
     lr: float = 3e-3  # peak learning rate (paper: 2e-4 at 32 episodes/step on a 4B model)
@@ -88,11 +92,11 @@ class TrainConfig:
     beta_target: float = 0.05  # the mean write gate β the sparsity term pulls towards
     copy_warmup: int | None = None  # steps teaching the read-out to copy words first: leave out for 300 (1500 for ssw); 0: none
     init_adapter: str | None = None  # start from this adapter instead (a curriculum: e.g. a 1-fact run's), no copy warm-up
-    key_warmup: int = 0  # steps fitting W_mq, W_mk to find the asked fact's key, on 512 histories, before training (ours)
-    address_weight: float = 0.0  # weight of a loss that teaches each query to find the asked fact's key (ours)
-    one_fact_episodes: int = 0  # first a stage of this many one-fact episodes without small talk, in out/one_fact; then --facts from its adapter (ours)
+    key_warmup: int | None = None  # steps fitting W_mq, W_mk to find the asked fact's key, on 512 histories, before training (ours); leave out for 400 with data.py's task, --facts 2+, tsw/msw; else 0
+    address_weight: float | None = None  # weight of a loss that teaches each query to find the asked fact's key (ours); leave out for 1 as --key-warmup 400, else 0
+    one_fact_episodes: int | None = None  # first a stage of this many one-fact episodes without small talk, in out/one_fact; then --facts from its adapter (ours); leave out for 2400 with data.py's task and --facts 2+, else 0
     # evaluation and bookkeeping
-    eval_every: int = 50  # steps between quick validations
+    eval_every: int = 25  # steps between quick validations
     eval_episodes: int = 128  # episodes per split in the final evaluation (0: none)
     out: str | None = None  # run directory (ckpt.pt, adapter.safetensors, eval.json, PNGs); leave out for runs/<write>
     ckpt: str | None = None  # converted backbone directory; leave out for the embedded SmolLM2-135M-Instruct
@@ -103,8 +107,14 @@ class TrainConfig:
     resume: bool = False  # continue from out/ckpt.pt
 
     def __post_init__(self):
-        if self.copy_warmup is None:
-            self.copy_warmup = 1500 if self.write == "ssw" else 300
+        several = self.data is None and self.facts >= 2  # data.py's task with several facts: the curriculum applies
+        address = several and self.write != "ssw"  # ... and addressing, which needs token writes
+        defaults = dict(key_shift=self.write != "ssw", copy_warmup=1500 if self.write == "ssw" else 300,
+                        ask_all=several, one_fact_episodes=2400 if several else 0, episodes=800 if several else 2400,
+                        key_warmup=400 if address else 0, address_weight=1.0 if address else 0.0)
+        for name, value in defaults.items():  # a flag left out takes the default that fits the others
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.out = self.out or f"runs/{self.write}"
         if self.ask_all and self.data:
             raise ValueError("--ask-all asks about data.py's facts: it does not apply to --data")
@@ -230,27 +240,33 @@ def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: 
 
 def plot_curve(log: list[dict], path: Path):
     """Training loss and validation recall (state only and the shuffled-state control) against the run's wall
-    time, warm-ups included; a dotted line where a curriculum's next stage (more facts per history) begins."""
+    time, warm-ups included; each stage of a curriculum (another number of facts per history) its own segment."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    def minutes(rows):  # logs from before the wall time was logged have none
-        return [r.get("minutes", math.nan) for r in rows]
-
-    ax.plot(minutes(log), [r["loss"] for r in log], lw=0.8, label="train answer CE")
-    for before, r in zip(log, log[1:]):
-        if r.get("facts") != before.get("facts"):
-            ax.axvline(r["minutes"], ls=":", c="k", lw=0.8)
-            ax.text(r["minutes"], ax.get_ylim()[1], f" {r['facts']} facts", va="top", fontsize=8)
-    val = [r for r in log if "val_state" in r]
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(minutes(val), [r["val_state"] for r in val], "o-", c="C3", label="val state-only acc")
-        ax2.plot(minutes(val), [r["val_shuffled"] for r in val], "o-", c="C7", label="val shuffled acc")
-        ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper right", fontsize=8)
+    ax2 = ax.twinx()
+    stages = []  # runs of rows with the same number of facts
+    for r in log:
+        if not stages or r.get("facts") != stages[-1][-1].get("facts"):
+            stages.append([])
+        stages[-1].append(r)
+    for i, rows in enumerate(stages):
+        t = [r.get("minutes", math.nan) for r in rows]  # logs from before the wall time was logged have none
+        val = [(m, r) for m, r in zip(t, rows) if "val_state" in r]
+        ax.plot(t, [r["loss"] for r in rows], lw=0.8, c="C0", label=None if i else "train answer CE")
+        ax2.plot([m for m, _ in val], [r["val_state"] for _, r in val], "o-", c="C3", ms=4,
+                 label=None if i else "val state only")
+        ax2.plot([m for m, _ in val], [r["val_shuffled"] for _, r in val], "o-", c="C7", ms=4,
+                 label=None if i else "val shuffled state")
+        if len(stages) > 1:
+            ax.axvline(t[0], ls=":", c="k", lw=0.8)
+            ax.text(t[0], 0.98, f" {rows[0].get('facts')} fact(s)", va="top", fontsize=8,
+                    transform=ax.get_xaxis_transform())
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("exact match")
+    fig.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     ax.set_xlabel("minutes (wall time, warm-ups included)")
     ax.set_ylabel("loss")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -419,10 +435,10 @@ def parse_args(argv=None) -> TrainConfig:
                                     "supervise": ["last", "all"], "pool": ["lists", "vocab"]}
     for f in fields(TrainConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=helps.get(f.name, " "))
-        if f.type is bool:
+        if f.type in (bool, bool | None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            kind = int if f.type == int | None else f.type if f.type in (int, float) else str
+            kind = {int | None: int, float | None: float}.get(f.type, f.type if f.type in (int, float) else str)
             p.add_argument(flag, type=kind, choices=choices.get(f.name), **kw)
     try:
         return TrainConfig(**vars(p.parse_args(argv)))
@@ -469,12 +485,14 @@ def engine_for(model, cfg: TrainConfig, world: int):
 
 def stages(cfg: TrainConfig) -> list[TrainConfig]:
     """The runs one command makes: cfg, or with --one-fact-episodes first a stage of one fact per history without
-    small talk (out/one_fact; from --init-adapter if given) whose adapter cfg's run starts from (a curriculum, ours: from the copy warm-up straight
-    to three facts, the answer loss did not fall). --resume continues the stage that was interrupted."""
+    small talk (out/one_fact; from --init-adapter if given) whose adapter cfg's run starts from. A curriculum, ours:
+    from the copy warm-up straight to three facts, the answer loss did not fall. --resume continues the stage that
+    was interrupted."""
     if not cfg.one_fact_episodes:
         return [cfg]
     first = replace(cfg, facts=1, acks=False, filler=0, ask_all=False, key_warmup=0, address_weight=0,
-                    episodes=cfg.one_fact_episodes, one_fact_episodes=0, eval_episodes=0, out=str(Path(cfg.out, "one_fact")))
+                    episodes=cfg.one_fact_episodes, one_fact_episodes=0, eval_episodes=0,
+                    out=str(Path(cfg.out, "one_fact")))
     second = replace(cfg, init_adapter=str(Path(first.out, "adapter.safetensors")))
     if cfg.resume and Path(cfg.out, "ckpt.pt").is_file():  # the second stage had begun
         return [second]

@@ -2,7 +2,7 @@
 
 Needs a trained adapter, so it runs only when asked for:
 
-    DELTAMEM_ADAPTER=runs/chat/adapter.safetensors python -m pytest -m trained -s   # README: stage 2's adapter
+    DELTAMEM_ADAPTER=runs/tsw/adapter.safetensors python -m pytest -m trained -s   # README: the default run's adapter
 
 For each of 32 chats of the adapter's task with values never seen in training (data.py's "unseen" split), this
 process tells the chat's user turns to sample.chat (the model writes its own replies, at most 16 tokens; every
