@@ -539,7 +539,7 @@ def run(cfg: TrainConfig, rank: int, world: int, threads: int, started: float, b
         + f" on {device}; data: {stream.describe()}", flush=True)
     val = episodes(cfg.task(), "valid", 64, cfg.seed, stream.words) if cfg.data is None else None
     t0, done = time.time(), step
-    so_far = log[-1].get("minutes", 0.0) if log else 0.0  # training minutes of the stages before / before the interruption
+    so_far = log[-1].get("minutes", 0.0) if log else 0.0  # wall minutes of earlier stages, or before an interruption
     try:
         while step < total:
             row = train_step(engine, opt, tok, cfg, stream, step, total, device, autocast, rank, world)
