@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deltamem import beta_term
+from model import KVCache
 
 # attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
 # TaskConfig.values of each list form the training pool, the next TaskConfig.unseen_values are never trained on.
@@ -411,20 +412,34 @@ def windows(seg: list[int], size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def write_messages(model, tok, state: list, messages: list[dict], window: int) -> tuple[list, int, int]:
+def write_messages(model, tok, state: list, messages: list[dict], window: int, context: list[dict] = ()
+                   ) -> tuple[list, int, int]:
     """Write chat messages into `state` as a training write pass writes a history (chat_with_segments: ChatML ids,
-    one SSW segment per message, no system prompt), in forwards of their own (no KV cache, positions from 0). More
-    than `window` tokens are cut into windows at message boundaries (inside a message only when it alone is longer
-    than a window) and written one after another with the state carried; attention does not span windows, so a
-    windowed write is not identical to one long write. Returns (new state, tokens written, windows used)."""
+    one SSW segment per message, no system prompt), in forwards of their own. More than `window` tokens are cut into
+    windows at message boundaries (inside a message only when it alone is longer than a window) and written one
+    after another with the state carried; attention does not span windows, so a windowed write is not identical to
+    one long write. `context`: the messages before these that a live chat still has in view. The first window is
+    read after them (a KV cache of the backbone alone: no writes, an empty state, oldest messages dropped until it
+    fits the window), so the new messages are written from the x a write pass over context + messages computes;
+    identical to it without key_shift, whose first written token has no previous key. Returns (new state, tokens
+    written, windows used)."""
     ids, seg = chat_with_segments(tok, messages)
     device = state[0].device
     spans = windows(seg, window)
+    prefix = chat_with_segments(tok, context)[0] if context else []
+    while prefix and len(prefix) + spans[0][1] > window:
+        context = context[1:]
+        prefix = chat_with_segments(tok, context)[0]
     for start, end in spans:
+        cache = None
+        if prefix:  # the first window only
+            cache = KVCache(model.config, 1, len(prefix) + end - start, device, model.lm_head.weight.dtype)
+            model(torch.tensor([prefix], device=device), None, False, cache=cache, logits=False)  # reads 0: no change
+            prefix = []
         idx = torch.tensor([ids[start:end]], device=device)  # (1, T)
-        _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device))
+        _, state = model(idx, state=state, segment_ids=torch.tensor([seg[start:end]], device=device), cache=cache,
+                         logits=False)
     return state, len(ids), len(spans)
-
 
 
 # ----------------------------------------------------------------------------- the task as a chat file

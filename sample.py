@@ -12,7 +12,8 @@ The memory is one file, --state: read at the start if it exists, written (atomic
 How text gets into the state: messages are written the way a training write pass writes a history
 (data.write_messages: their ChatML ids, one SSW segment per message, no system prompt, in forwards of their own,
 cut into windows of at most --window tokens at message boundaries). A reply is generated with writes off, reading
-the state as it was before the turn; then the finished turn (the user message and the reply) is written, once.
+the state as it was before the turn; then the finished turn (the user message and the reply) is written, once,
+after the turns still in view, as a write pass over the whole chat would write it.
 """
 import argparse
 import codecs
@@ -136,9 +137,11 @@ def read_history(path) -> list[dict]:
     return messages
 
 
-def remember(model, tok, mem: Memory, messages: list[dict], window: int) -> tuple[Memory, int]:
-    """Write chat messages into the memory (data.write_messages); returns it and the number of windows used."""
-    state, tokens, n_windows = write_messages(model, tok, mem.state, messages, window)
+def remember(model, tok, mem: Memory, messages: list[dict], window: int, context: list[dict] = ()
+             ) -> tuple[Memory, int]:
+    """Write chat messages, read after the visible `context`, into the memory (data.write_messages); returns it and
+    the number of windows used."""
+    state, tokens, n_windows = write_messages(model, tok, mem.state, messages, window, context)
     return Memory(state, mem.tokens + tokens, mem.created), n_windows
 
 
@@ -175,13 +178,14 @@ def fit_context(tok, context: list[dict], user: dict, budget: int, err) -> list[
 
 def turn(model, tok, mem: Memory | None, context: list[dict], text: str, args, generator, out, err):
     """One user message: reply from the visible context (oldest turns dropped if it no longer fits), then write the
-    finished turn into the state. Returns the new memory and visible context."""
+    finished turn into the state, read after that context as a training write pass reads a history. Returns the new
+    memory and visible context."""
     user = {"role": "user", "content": check_text(text, "the message")}
     context = fit_context(tok, context, user, model.config.max_position_embeddings - args.max_new_tokens, err)
     context = context + [user, {"role": "assistant", "content": reply(model, tok, context + [user], mem, args,
                                                                       generator, out)}]
     if mem is not None:
-        mem, _ = remember(model, tok, mem, context[-2:], args.window)
+        mem, _ = remember(model, tok, mem, context[-2:], args.window, context[:-2])
     return mem, context
 
 

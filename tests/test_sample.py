@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def make_adapter(ckpt, path, write="tsw", seed=1) -> Path:
+def make_adapter(ckpt, path, write="tsw", seed=1, **cfg) -> Path:
     """An adapter with random weights (a fresh one would read almost nothing back), saved to `path`."""
-    model = attach(load_model(ckpt), DeltaMemConfig(write=write))
+    model = attach(load_model(ckpt), DeltaMemConfig(write=write, **cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,17 +83,22 @@ def one_line_error(argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("write", ["tsw", "ssw"])
-def test_each_turn_is_written_once_as_its_messages(tiny_ckpt, tmp_path, write):
-    model, tok, args = setup(tiny_ckpt, make_adapter(tiny_ckpt, tmp_path / "a.safetensors", write))
+def test_each_turn_is_written_once_as_a_write_pass_over_the_chat_writes_it(tiny_ckpt, tmp_path, write):
+    adapter = make_adapter(tiny_ckpt, tmp_path / "a.safetensors", write, write_pass_reads=False)
+    model, tok, args = setup(tiny_ckpt, adapter)
+    model.double()  # fp64: the two ways must agree to rounding
     mem, replies, _ = run_chat(model, tok, args, sample.new_memory(model), [b"hello there\n", b"and again\n"])
-    turns = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": replies[0]}],
-             [{"role": "user", "content": "and again"}, {"role": "assistant", "content": replies[1]}]]
-    first = chat_with_segments(tok, turns[0])
-    second = chat_with_segments(tok, turns[1])
-    expected = write_directly(model, *second, state=write_directly(model, *first))  # nothing else: not the replies
+    turns = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": replies[0]},
+             {"role": "user", "content": "and again"}, {"role": "assistant", "content": replies[1]}]
+    ids, seg = chat_with_segments(tok, turns)
+    expected = write_directly(model, ids, seg)  # one write pass over both turns: the second one attends to the first
+    separately = write_directly(model, *chat_with_segments(tok, turns[2:]),
+                                state=write_directly(model, *chat_with_segments(tok, turns[:2])))
     for got, want in zip(mem.state, expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert mem.tokens == len(first[0]) + len(second[0])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # layer 0 writes embeddings, which no context changes; above it, the first turn changes what the second writes
+    assert (separately[-1] - expected[-1]).abs().max() > 1e-3
+    assert mem.tokens == len(ids)
 
 
 def test_chat_commands(tiny_ckpt, adapter, tmp_path):
