@@ -130,11 +130,6 @@ def answer_text(cfg: TaskConfig, attribute: str, value: str) -> str:
     return f"It's {value}." if cfg.answer == "short" else f"Your favourite {attribute} is {value}."
 
 
-def statement(attribute: str, value: str) -> str:
-    """The user's message that tells one fact."""
-    return f"My favourite {attribute} is {value}."
-
-
 def question(attribute: str) -> dict:
     """The user's question about one of their facts."""
     return {"role": "user", "content": f"What is my favourite {attribute}?"}
@@ -147,7 +142,7 @@ def make_chat(rng: random.Random, cfg: TaskConfig, split: str, words=None, ask_a
     attributes = rng.sample(cfg.names, cfg.facts)
     asked = attributes[0]
     facts = {a: draw_value(rng, cfg, a, split, ask_all or a == asked, words) for a in attributes}
-    turns = [[{"role": "user", "content": statement(a, v)}] for a, v in facts.items()]
+    turns = [[{"role": "user", "content": f"My favourite {a} is {v}."}] for a, v in facts.items()]
     if cfg.acks:
         for turn, (a, v) in zip(turns, facts.items()):
             turn.append({"role": "assistant", "content": rng.choice(ACKS).format(attribute=a, value=v)})
@@ -172,24 +167,16 @@ def chats(cfg: TaskConfig, split: str, n: int, seed: int, words=None, ask_all=Fa
     return [make_chat(rng, cfg, split, words, ask_all) for _ in range(n)]
 
 
-def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None, ask_all=False, replies=False
-             ) -> list[dict]:
+def episodes(cfg: TaskConfig, split: str, n: int, seed: int, words=None, ask_all=False) -> list[dict]:
     """Episodes of n chats: each chat's history written, its question read, its answer the target (+ the value and
     the facts' values). ask_all: one episode per fact of each chat (n · facts), all about the same history; they
-    share its `write` list, so make_batch writes it once. replies (with cfg.acks): one more episode per chat, on the
-    same state, whose read is the asked fact's statement and target its acknowledgement (no value: it asks nothing),
-    which teaches the reads to leave a chat's replies to what is told alone (ours)."""
-    if replies and not cfg.acks:
-        raise ValueError("replies teach the acknowledgements of facts: they need acks=True")
+    share its `write` list, so make_batch writes it once."""
     out = []
     for c in chats(cfg, split, n, seed, words, ask_all):
         ep = {**chat_episodes(c["messages"], EpisodeConfig(), None)[0], "value": c["value"], "facts": c["facts"]}
         out.append(ep)
         if ask_all:
             out += [{**ep, "read": [question(a)], "target": answer_text(cfg, a, v), "value": v} for a, v in c["pairs"][1:]]
-        if replies:
-            told = next(i for i, m in enumerate(ep["write"]) if m["content"] == statement(*c["pairs"][0]))
-            out.append({"write": ep["write"], "read": [ep["write"][told]], "target": ep["write"][told + 1]["content"]})
     return out
 
 
@@ -315,11 +302,10 @@ def pad(rows: list[list[int]], value: int, left=False) -> torch.Tensor:
 
 def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> dict:
     """Write pass (the written messages, at most the last write_len tokens, with SSW segment ids) and read pass (the
-    visible messages + the target, labels on the target) tensors; `value_pos` of the episodes that know their value.
+    visible messages + the target, labels on the target) tensors; `value_pos` where the episodes know their value.
     Episodes that share one `write` list (episodes(ask_all=True)) share one row of the write pass: `write_of` (B,)
-    is each episode's row. Where the episodes that ask a fact, `asks` (A,), know their facts: `told` (A, facts), the
-    place in its write row of the last token that spells each fact's value's first token, and `asked` (A,), which of
-    the facts is asked."""
+    is each episode's row. Where the episodes know their facts: `told` (B, facts), the place in its write row of the
+    last token that spells each fact's value's first token, and `asked` (B,), which of the facts is asked."""
     rows = {}  # id of a write list -> (its row in the write pass, the list)
     write_of = [rows.setdefault(id(ep["write"]), (len(rows), ep["write"]))[0] for ep in eps]
     hist = [chat_with_segments(tok, w) for _, w in rows.values()]
@@ -337,13 +323,11 @@ def make_batch(tok, eps: list[dict], device, write_len: int | None = None) -> di
              write_real=pad([[1] * len(h[0]) for h in hist], 0).bool(),
              read=pad(read, 0), read_real=pad([[1] * len(r) for r in read], 0).bool(), labels=pad(labels, -100),
              write_of=torch.tensor(write_of))
-    asks = [j for j, ep in enumerate(eps) if "value" in ep]  # the episodes that ask a fact (not replies)
-    if asks and all("facts" in eps[j] for j in asks):
-        ids = [hist[write_of[j]][0] for j in asks]
-        t["told"] = torch.tensor([[len(row) - 1 - row[::-1].index(tok.encode(" " + v)[0]) for v in eps[j]["facts"]]
-                                  for j, row in zip(asks, ids)])  # (A, facts)
-        t["asked"] = torch.tensor([eps[j]["facts"].index(eps[j]["value"]) for j in asks])  # (A,)
-        t["asks"] = torch.tensor(asks)  # (A,)
+    if all("facts" in ep for ep in eps):
+        ids = [hist[row][0] for row in write_of]
+        t["told"] = torch.tensor([[len(row) - 1 - row[::-1].index(tok.encode(" " + v)[0]) for v in ep["facts"]]
+                                  for ep, row in zip(eps, ids)])  # (B, facts)
+        t["asked"] = torch.tensor([ep["facts"].index(ep["value"]) for ep in eps])  # (B,)
     return {**{k: v.to(device) for k, v in t.items()}, "value_pos": value_pos}
 
 
@@ -358,14 +342,13 @@ def write_pass(model, b, betas: list | None = None, inputs: list | None = None):
 def fact_inputs(model, b, x_write: list, x_read: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Every layer's inputs at the places that decide what a read of several facts returns (token writes): the x each
     fact's value was written under a key from (the value's last token `told`, or with key_shift the token before it),
-    (L, A, facts, d), and the x of the query where the answer's value is predicted, (L, A, d), for the A episodes
-    that ask (make_batch's `asks`). x_write: each layer's x in the write pass (B_write, T, d); x_read: the x each
-    layer made its read-pass queries from (B, T', d)."""
+    (L, B, facts, d), and the x of the query where the answer's value is predicted, (L, B, d). x_write: each layer's
+    x in the write pass (B_write, T, d); x_read: the x each layer made its read-pass queries from (B, T', d)."""
     shift = int(model.delta_mem_config.key_shift)
-    rows = b["write_of"][b["asks"], None]  # (A, 1)
-    at = torch.tensor([start - 1 for start, _ in b["value_pos"]], device=b["read"].device)  # (A,): predicts the value
-    x_facts = torch.stack([x[rows, b["told"] - shift] for x in x_write])  # (L, A, facts, d)
-    x_query = torch.stack([x[b["asks"], at] for x in x_read])  # (L, A, d)
+    rows = b["write_of"][:, None]  # (B, 1)
+    at = torch.tensor([start - 1 for start, _ in b["value_pos"]], device=b["read"].device)  # (B,): predicts the value
+    x_facts = torch.stack([x[rows, b["told"] - shift] for x in x_write])  # (L, B, facts, d)
+    x_query = torch.stack([x[torch.arange(len(at), device=at.device), at] for x in x_read])  # (L, B, d)
     return x_facts, x_query
 
 

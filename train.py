@@ -79,7 +79,6 @@ class TrainConfig:
     pool: str = "vocab"  # values: vocab (~16k words from the tokenizer, 1 in 10 never trained) | lists (8 per attribute)
     acks: bool = True  # the assistant acknowledges each fact, as in a chat
     ask_all: bool | None = None  # ask about every fact of a history (one write pass, --facts reads), not one; counts as one episode; leave out for: yes with data.py's task and --facts 2+
-    replies: bool = False  # per history also teach, on its state, the acknowledgement of the asked fact's statement, so that a chat's own replies stay replies (ours; needs --acks)
     # optimisation
     episodes: int | None = None  # training episodes in total; leave out for 800 (histories, every fact asked) with data.py's task and --facts 2+, else 2400
     batch_size: int = 8  # episodes per optimizer step
@@ -122,8 +121,6 @@ class TrainConfig:
         if (self.key_warmup or self.address_weight) and (self.data or self.facts < 2 or self.write == "ssw"):
             raise ValueError("--key-warmup and --address-weight teach token writes (tsw, msw) to tell data.py's facts "
                              "apart: they need --facts 2 or more and no --data")
-        if self.replies and (self.data or not self.acks):
-            raise ValueError("--replies teaches data.py's acknowledgements: it needs --acks and no --data")
         if self.one_fact_episodes and (self.data or self.facts < 2):
             raise ValueError("--one-fact-episodes is a first stage of data.py's task before --facts 2 or more: "
                              "it needs no --data")
@@ -167,8 +164,7 @@ class EpisodeStream:
     def batch(self, step: int) -> list[dict]:
         B = self.cfg.batch_size
         if self.chats is None:
-            return episodes(self.cfg.task(), "train", B, self.cfg.seed * 1_000_003 + step, self.words, self.cfg.ask_all,
-                            self.cfg.replies)
+            return episodes(self.cfg.task(), "train", B, self.cfg.seed * 1_000_003 + step, self.words, self.cfg.ask_all)
         n = len(self.cache[min(self.cache)])  # every epoch has the same episodes, in another order
         return [self.epoch(i // n)[i % n] for i in range(step * B, (step + 1) * B)]
 
@@ -216,7 +212,7 @@ def train_step(engine, opt, tok, cfg: TrainConfig, stream: EpisodeStream, step: 
     of one process doing the whole batch (DDP averages over ranks, hence the factor `world`)."""
     eps = stream.batch(step)
     mine = eps[rank * len(eps) // world:(rank + 1) * len(eps) // world]
-    per = cfg.micro_batch * ((cfg.facts if cfg.ask_all else 1) + cfg.replies)  # a chat's episodes stay together
+    per = cfg.micro_batch * (cfg.facts if cfg.ask_all else 1)  # --ask-all: a chat's episodes stay in one micro-batch
     micro = [make_batch(tok, mine[i:i + per], device, cfg.write_len) for i in range(0, len(mine), per)]
     n_tokens = all_sum(sum((b["labels"] != -100).sum() for b in micro), world)
     lr = get_lr(step, total, cfg)
@@ -494,7 +490,7 @@ def stages(cfg: TrainConfig) -> list[TrainConfig]:
     was interrupted."""
     if not cfg.one_fact_episodes:
         return [cfg]
-    first = replace(cfg, facts=1, acks=False, filler=0, ask_all=False, replies=False, key_warmup=0, address_weight=0,
+    first = replace(cfg, facts=1, acks=False, filler=0, ask_all=False, key_warmup=0, address_weight=0,
                     episodes=cfg.one_fact_episodes, one_fact_episodes=0, eval_episodes=0,
                     out=str(Path(cfg.out, "one_fact")))
     second = replace(cfg, init_adapter=str(Path(first.out, "adapter.safetensors")))

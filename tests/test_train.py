@@ -86,33 +86,6 @@ def test_ask_all_writes_each_history_once_and_reads_it_once_per_fact(tiny_ckpt, 
         torch.testing.assert_close(s[3], a[0], rtol=1e-6, atol=1e-7)  # fp32 rounding: measured 6e-9 on entries ~0.1
 
 
-def test_replies_read_a_told_fact_on_the_historys_state_and_leave_the_address_term_to_the_questions(tiny_ckpt, tmp_path):
-    cfg = config(tiny_ckpt, tmp_path, acks=True, filler=1, ask_all=True, replies=True, address_weight=1.0)
-    model, tok, device, autocast = train.setup(cfg)
-    eps = episodes(cfg.task(), "train", 2, seed=0, ask_all=True, replies=True)  # per chat: 3 questions, 1 reply
-    for chat in (eps[:4], eps[4:]):
-        reply, history = chat[3], chat[0]["write"]
-        assert reply["write"] is history and "value" not in reply  # the same state; it asks nothing
-        told = history.index(reply["read"][0])
-        assert reply["read"][0]["content"].startswith("My favourite ")  # the asked fact's statement ...
-        assert reply["read"][0]["content"].endswith(f" {chat[0]['value']}.")
-        assert history[told + 1] == {"role": "assistant", "content": reply["target"]}  # ... and its acknowledgement
-    b = make_batch(tok, eps, device)
-    assert b["write"].shape[0] == 2 and b["write_of"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert b["asks"].tolist() == [0, 1, 2, 4, 5, 6] and b["told"].shape == (6, 3) and len(b["value_pos"]) == 6
-    with_replies = episode_loss(model, b, 0.0, 0.05, address_weight=1.0)
-    without = episode_loss(model, make_batch(tok, eps[:3] + eps[4:7], device), 0.0, 0.05, address_weight=1.0)
-    torch.testing.assert_close(with_replies["address_term"], without["address_term"])  # the questions' only
-    assert with_replies["tokens"] > without["tokens"]  # the replies' tokens join the answer loss
-    with pytest.raises(ValueError, match="they need acks=True"):
-        episodes(TaskConfig(acks=False), "train", 1, seed=0, replies=True)
-    train.main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "run"), "--replies", "--episodes", "4",
-                "--batch-size", "2", "--micro-batch", "1", "--pool", "lists", "--eval-episodes", "0", "--device",
-                "cpu", "--copy-warmup", "0", "--one-fact-episodes", "0", "--key-warmup", "0"])
-    log = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["log"]
-    assert [r["step"] for r in log if "loss" in r] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
-
-
 @pytest.mark.parametrize("key_shift", [False, True])
 def test_address_logits_are_the_q_dot_k_of_the_answers_query_with_each_facts_key(tiny_ckpt, tmp_path, key_shift):
     """fact_inputs finds, in padded batches of histories asked about each fact, the write of each fact's value (its
@@ -268,10 +241,6 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
             train.main(flags)
         error = capsys.readouterr().err.splitlines()[-1]
         assert error.endswith("they need --facts 2 or more and no --data"), error
-    for flags in (["--replies", "--no-acks"], ["--replies", "--data", "chats.jsonl"]):
-        with pytest.raises(SystemExit):
-            train.main(flags)
-        assert capsys.readouterr().err.splitlines()[-1].endswith("it needs --acks and no --data")
     for flags in (["--one-fact-episodes", "8", "--facts", "1"], ["--one-fact-episodes", "8", "--data", "chats.jsonl"]):
         with pytest.raises(SystemExit):
             train.main(flags)
