@@ -426,10 +426,10 @@ def write_messages(model, tok, state: list, messages: list[dict], window: int, c
     ids, seg = chat_with_segments(tok, messages)
     device = state[0].device
     spans = windows(seg, window)
-    prefix = chat_with_segments(tok, context)[0] if context else []
-    while prefix and len(prefix) + spans[0][1] > window:
-        context = context[1:]
-        prefix = chat_with_segments(tok, context)[0]
+    parts = [tok.encode_message(m) for m in context]  # the context's messages, the oldest first
+    while parts and sum(map(len, parts)) + spans[0][1] > window:
+        parts = parts[1:]
+    prefix = [i for part in parts for i in part]
     for start, end in spans:
         cache = None
         if prefix:  # the first window only

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import deltamem_io
 import sample
-from data import chat_with_segments, windows
+from data import chat_with_segments, windows, write_messages
 from deltamem import DeltaMemConfig, attach
 from deltamem_io import adapter_hash, load_state, save_adapter, save_state
 from model import Transformer, load_model
@@ -340,3 +340,17 @@ def test_bad_destinations_and_checkpoints_fail_before_any_work(tiny_ckpt, adapte
     message = one_line_error(["--ckpt", str(raw_hf), "--prompt", "hi"], capsys)
     assert "not a converted checkpoint (no tokenizer.json, tokenizer_config.json)" in message
     assert f"python load_hf_weights.py --hf {raw_hf} --out checkpoints/NAME" in message
+
+
+def test_context_that_does_not_fit_the_window_loses_its_oldest_messages(tiny_ckpt, adapter):
+    model, tok, _ = setup(tiny_ckpt, adapter)
+    context = [{"role": "user", "content": f"Message {i} says something."} for i in range(8)]
+    turn = [{"role": "user", "content": "The new turn."}]
+    sizes = [len(tok.encode_message(m)) for m in context]
+    window = sum(sizes[-3:]) + len(chat_with_segments(tok, turn)[0])  # room for the newest 3 context messages only
+    state = sample.new_memory(model).state
+    got = write_messages(model, tok, state, turn, window, context)[0]
+    want = write_messages(model, tok, state, turn, window, context[-3:])[0]
+    older = write_messages(model, tok, state, turn, 10 * window, context[-4:])[0]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.allclose(got[-1], older[-1])  # one more message of context would have changed the write
