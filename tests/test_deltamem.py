@@ -295,6 +295,9 @@ def test_frozen_query_reads_with_queries_projected_from_the_backbones_own_x():
     model(idx[:, :6], state=s0, cache=cache)
     with pytest.raises(ValueError, match="KV cache was first filled by writes"):
         model(idx[:, 6:7], state=s0, write=False, cache=cache)
+    # without a state, reading generates what the backbone does (evaluate.py's question-only condition)
+    greedy = lambda m, **kw: torch.stack([t for t, _ in m.generate(idx[:, :6], 4, temperature=0, **kw)], 1)
+    assert torch.equal(greedy(model, state=None, write=False), greedy(backbone()))
     # the queries' projection still learns: its gradient comes through the reads
     model(idx, state=s0, write=False)[0].sum().backward()
     assert model.model.layers[-1].self_attn.delta_mem.memory_q_proj.weight.grad.abs().sum() > 0
