@@ -220,9 +220,8 @@ class DeltaMem(nn.Module):
         ssw = self.cfg.write == "ssw" and call.segment_ids is not None  # without ids SSW writes per token, as officially
         if ssw and call.segment_ids.shape != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(call.segment_ids.shape)}, expected the tokens' {(B, T)}")
-        q, k, v, beta_logit = self.project(xm)  # (B, T, n, r) each
-        if query_x is not None:
-            q = self.project(query_x.to(xm.dtype))[0]  # (B, T, n, r)
+        # frozen_query: the call only reads, so of the four only q is used, projected from the backbone's own x
+        q, k, v, beta_logit = self.project(xm if query_x is None else query_x.to(xm.dtype))  # (B, T, n, r) each
         written = None  # (beta_logit, mask) of what this call wrote, for the β statistic
         if call.write and not ssw:
             mask = call.real if call.padded else None
