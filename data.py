@@ -340,14 +340,21 @@ def write_pass(model, b, betas: list | None = None, inputs: list | None = None):
 
 
 def fact_inputs(model, b, x_write: list, x_read: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every layer's inputs at the places that decide what a read of several facts returns (token writes): the x each
-    fact's value was written under a key from (the value's last token `told`, or with key_shift the token before it),
-    (L, B, facts, d), and the x of the query where the answer's value is predicted, (L, B, d). x_write: each layer's
-    x in the write pass (B_write, T, d); x_read: the x each layer made its read-pass queries from (B, T', d)."""
-    shift = int(model.delta_mem_config.key_shift)
+    """Every layer's inputs at the places that decide what a read of several facts returns: the x each fact's value
+    was written under a key from, (L, B, facts, d), and the x of the query where the answer's value is predicted,
+    (L, B, d). Token writes key a value on its last token `told` (with key_shift the token before it); SSW on the mean
+    x of the message that holds `told`. x_write: each layer's x in the write pass (B_write, T, d); x_read: the x each
+    layer made its read-pass queries from (B, T', d)."""
+    cfg = model.delta_mem_config
     rows = b["write_of"][:, None]  # (B, 1)
     at = torch.tensor([start - 1 for start, _ in b["value_pos"]], device=b["read"].device)  # (B,): predicts the value
-    x_facts = torch.stack([x[rows, b["told"] - shift] for x in x_write])  # (L, B, facts, d)
+    if cfg.write == "ssw":
+        segments = b["segments"][b["write_of"]]  # (B, T): each token's message, -1 for padding
+        member = (segments[:, None, :] == segments.gather(1, b["told"])[..., None]).float()  # (B, facts, T)
+        member = member / member.sum(-1, keepdim=True)  # (B, facts, T): averages over each fact's message
+        x_facts = torch.stack([member.to(x.dtype) @ x[b["write_of"]] for x in x_write])  # (L, B, facts, d)
+    else:
+        x_facts = torch.stack([x[rows, b["told"] - int(cfg.key_shift)] for x in x_write])  # (L, B, facts, d)
     x_query = torch.stack([x[torch.arange(len(at), device=at.device), at] for x in x_read])  # (L, B, d)
     return x_facts, x_query
 

@@ -86,13 +86,14 @@ def test_ask_all_writes_each_history_once_and_reads_it_once_per_fact(tiny_ckpt, 
         torch.testing.assert_close(s[3], a[0], rtol=1e-6, atol=1e-7)  # fp32 rounding: measured 6e-9 on entries ~0.1
 
 
-@pytest.mark.parametrize("key_shift", [False, True])
-def test_address_logits_are_the_q_dot_k_of_the_answers_query_with_each_facts_key(tiny_ckpt, tmp_path, key_shift):
+@pytest.mark.parametrize("write,key_shift", [("msw", False), ("msw", True), ("ssw", False)])
+def test_address_logits_are_the_q_dot_k_of_the_answers_query_with_each_facts_key(tiny_ckpt, tmp_path, write,
+                                                                                    key_shift):
     """fact_inputs finds, in padded batches of histories asked about each fact, the write of each fact's value (its
     last mention, here the assistant's acknowledgement) and the key it was written under (with key_shift, the token
-    before's); address_logits is then the q·k of the query where the answer's value is predicted with those keys,
-    as the model's own projections of the whole passes give them."""
-    cfg = config(tiny_ckpt, tmp_path, pool="vocab", acks=True, filler=1, write="msw", key_shift=key_shift,
+    before's; SSW: the key of its message's mean x); address_logits is then the q·k of the query where the answer's
+    value is predicted with those keys, as the model's own projections of the whole passes give them."""
+    cfg = config(tiny_ckpt, tmp_path, pool="vocab", acks=True, filler=1, write=write, key_shift=key_shift,
                  frozen_query=True)
     model, tok, device, autocast = train.setup(cfg)
     eps = episodes(cfg.task(), "train", 3, seed=0, words=vocabulary(tok), ask_all=True)
@@ -114,7 +115,13 @@ def test_address_logits_are_the_q_dot_k_of_the_answers_query_with_each_facts_key
             k = previous_keys(k, b["write_real"])
         for i, (start, _) in enumerate(b["value_pos"]):
             q = mem.project(xr[i:i + 1])[0][0, start - 1]  # (n, r): where the value's first token is predicted
-            keys = k[b["write_of"][i], b["told"][i]]  # (facts, n, r)
+            row, told = b["write_of"][i], b["told"][i]
+            if write == "ssw":  # each fact's key is made from the mean x of the message its value is in
+                segments = b["segments"][row]  # (T,)
+                means = torch.stack([xw[row, segments == segments[t]].mean(0) for t in told])  # (facts, d)
+                keys = mem.project(means)[1]  # (facts, n, r)
+            else:
+                keys = k[row, told]  # (facts, n, r)
             torch.testing.assert_close(address_logits(mem, xf[i:i + 1], xq[i:i + 1])[0], (keys * q).sum(-1).T,
                                        rtol=1e-5, atol=1e-6)  # fp32: the same products on gathered rows
 
@@ -236,7 +243,7 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
         train.main(["--ask-all", "--data", "chats.jsonl"])
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.endswith("--ask-all asks about data.py's facts: it does not apply to --data"), error
-    for flags in (["--address-weight", "1", "--facts", "1"], ["--key-warmup", "5", "--facts", "3", "--write", "ssw"]):
+    for flags in (["--address-weight", "1", "--facts", "1"], ["--key-warmup", "5", "--facts", "3", "--data", "c.jsonl"]):
         with pytest.raises(SystemExit):
             train.main(flags)
         error = capsys.readouterr().err.splitlines()[-1]
@@ -295,6 +302,8 @@ def test_the_default_is_the_three_fact_curriculum_of_the_readme_and_fits_the_fla
     assert picked(train.parse_args(["--data", "chats.jsonl"]), off) == off
     ssw = train.parse_args(["--write", "ssw"])  # message writes: no key shift, no addressing; still the curriculum
     assert (ssw.key_shift, ssw.key_warmup, ssw.address_weight, ssw.one_fact_episodes) == (False, 0, 0.0, 2400)
+    addressed = train.parse_args(["--write", "ssw", "--key-warmup", "400", "--address-weight", "1"])  # README: SSW addressed
+    assert (addressed.key_warmup, addressed.address_weight) == (400, 1.0)
     mine = train.parse_args(["--episodes", "100", "--no-ask-all", "--key-warmup", "0", "--no-key-shift"])
     assert (mine.episodes, mine.ask_all, mine.key_warmup, mine.key_shift, mine.address_weight) == (100, False, 0, False,
                                                                                                   1.0)
