@@ -252,8 +252,9 @@ class Transformer(nn.Module):
                 ) -> tuple[torch.Tensor | None, State | None]:
         """idx (B, T) token ids -> logits (B, T, V), and the δ-mem state after this call (None without δ-mem).
 
-        δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it;
-        `segment_ids` (B, T) gives SSW its messages. `cache` continues a KV-cached sequence (prefill or decode).
+        δ-mem: `state` continues from a carried state (None = fresh zero state); `write=False` only reads it and
+        returns it as given (None too); `segment_ids` (B, T) gives SSW its messages. `cache` continues a KV-cached
+        sequence (prefill or decode).
         `pad_mask` (B, T), True for real tokens, lets rows of different lengths share a batch (left or right
         padding): pads are never attended to, don't advance positions, and neither read nor write the state.
         `logits=False` skips the final norm and lm_head (a write pass only needs the state) and returns None for them;

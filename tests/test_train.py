@@ -243,7 +243,7 @@ def test_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
         train.main(["--ask-all", "--data", "chats.jsonl"])
     error = capsys.readouterr().err.splitlines()[-1]
     assert error.endswith("--ask-all asks about data.py's facts: it does not apply to --data"), error
-    for flags in (["--address-weight", "1", "--facts", "1"], ["--key-warmup", "5", "--facts", "3", "--data", "c.jsonl"]):
+    for flags in (["--address-weight", "1", "--facts", "1"], ["--key-warmup", "5", "--facts", "3", "--data", "c.json"]):
         with pytest.raises(SystemExit):
             train.main(flags)
         error = capsys.readouterr().err.splitlines()[-1]
@@ -302,7 +302,7 @@ def test_the_default_is_the_three_fact_curriculum_of_the_readme_and_fits_the_fla
     assert picked(train.parse_args(["--data", "chats.jsonl"]), off) == off
     ssw = train.parse_args(["--write", "ssw"])  # message writes: no key shift, no addressing; still the curriculum
     assert (ssw.key_shift, ssw.key_warmup, ssw.address_weight, ssw.one_fact_episodes) == (False, 0, 0.0, 2400)
-    addressed = train.parse_args(["--write", "ssw", "--key-warmup", "400", "--address-weight", "1"])  # README: SSW addressed
+    addressed = train.parse_args(["--write", "ssw", "--key-warmup", "400", "--address-weight", "1"])  # README's run
     assert (addressed.key_warmup, addressed.address_weight) == (400, 1.0)
     mine = train.parse_args(["--episodes", "100", "--no-ask-all", "--key-warmup", "0", "--no-key-shift"])
     assert (mine.episodes, mine.ask_all, mine.key_warmup, mine.key_shift, mine.address_weight) == (100, False, 0, False,
