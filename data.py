@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deltamem import beta_term
+from deltamem import beta_term, segment_means
 from model import KVCache
 
 # attribute -> values that are single tokens (with a leading space) in SmolLM2's vocabulary; the first
@@ -348,11 +348,10 @@ def fact_inputs(model, b, x_write: list, x_read: list) -> tuple[torch.Tensor, to
     cfg = model.delta_mem_config
     rows = b["write_of"][:, None]  # (B, 1)
     at = torch.tensor([start - 1 for start, _ in b["value_pos"]], device=b["read"].device)  # (B,): predicts the value
-    if cfg.write == "ssw":
+    if cfg.write == "ssw":  # what the module writes: segment_means, here taken at each fact's message
         segments = b["segments"][b["write_of"]]  # (B, T): each token's message, -1 for padding
-        member = (segments[:, None, :] == segments.gather(1, b["told"])[..., None]).float()  # (B, facts, T)
-        member = member / member.sum(-1, keepdim=True)  # (B, facts, T): averages over each fact's message
-        x_facts = torch.stack([member.to(x.dtype) @ x[b["write_of"]] for x in x_write])  # (L, B, facts, d)
+        fact = segments.gather(1, b["told"])[..., None].expand(-1, -1, x_write[0].shape[-1])  # (B, facts, d)
+        x_facts = torch.stack([segment_means(x[b["write_of"]], segments)[0].gather(1, fact) for x in x_write])
     else:
         x_facts = torch.stack([x[rows, b["told"] - int(cfg.key_shift)] for x in x_write])  # (L, B, facts, d)
     x_query = torch.stack([x[torch.arange(len(at), device=at.device), at] for x in x_read])  # (L, B, d)

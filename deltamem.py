@@ -254,15 +254,20 @@ class DeltaMem(nn.Module):
         """SSW: one write per segment, from the mean of its tokens' x, in segment-id order. Returns the new state and
         the (beta_logit, mask) of the writes (None if nothing was written)."""
         ids = torch.where(call.real, call.segment_ids, -1)  # (B, T); padding never writes
-        J = int(ids.max()) + 1
-        if J == 0:  # nothing to write
+        if int(ids.max()) < 0:  # nothing to write
             return state, None
-        onehot = (ids[..., None] == torch.arange(J, device=x.device)).to(x.dtype)  # (B, T, J)
-        count = onehot.sum(1)  # (B, J)
-        means = onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None]  # (B, J, d)
+        means, count = segment_means(x, ids)  # (B, J, d), (B, J)
         q, k, v, beta_logit = self.project(means)  # (B, J, n, r) each
         written = count > 0  # (B, J): segments absent from a row are identity steps
         return self.scan(q, k, v, beta_logit, state, written)[1], (beta_logit, written)
+
+
+def segment_means(x, ids):
+    """SSW: the mean x (B, J, d) of each segment j < J = max(ids) + 1, from x (B, T, d) and segment ids (B, T) (−1: in
+    none), and each segment's token count (B, J); a segment absent from a row has count 0 and mean 0."""
+    onehot = (ids[..., None] == torch.arange(int(ids.max()) + 1, device=x.device)).to(x.dtype)  # (B, T, J)
+    count = onehot.sum(1)  # (B, J)
+    return onehot.transpose(1, 2) @ x / count.clamp(min=1)[..., None], count
 
 
 def previous_keys(k, real):
