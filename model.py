@@ -295,9 +295,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.model.norm(x)) if logits is not False else None  # (B, T, V) or (N, V)
         if self.model.layers[0].self_attn.delta_mem is None:
             return logits, None
-        # a read-only call hands back the state it was given: None stays None (empty), so decoding after it needs no
-        # frozen_query pass, whose KV cache it did not fill
-        return logits, (new_state if write else state)
+        return logits, (new_state if write else state)  # read-only: as given (None stays None, the empty state)
 
     @torch.no_grad()
     def backbone_inputs(self, idx, cache: KVCache | None, pad_mask) -> list[torch.Tensor]:
